@@ -1,0 +1,1 @@
+"""Optional training behaviour, each in its own callback."""

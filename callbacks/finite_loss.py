@@ -1,0 +1,39 @@
+"""Stop a run whose loss became NaN/inf, before a poisoned checkpoint is written."""
+from __future__ import annotations
+
+import pytorch_lightning as pl
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class FiniteLossGuard(pl.Callback):
+    """Reads the module's device-side ``first_nonfinite_step`` every ``every_n_steps`` steps and before
+    every checkpoint save, so the training step never syncs with the device for this check, yet no
+    checkpoint taken after a non-finite loss is ever written: ``last.ckpt`` stays the last good state."""
+
+    def __init__(self, every_n_steps: int = 20):
+        self.every_n_steps = max(1, every_n_steps)
+
+    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = int(pl_module.first_nonfinite_step.item())
+        if step < 0:
+            return
+        last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
+        raise NonFiniteLossError(
+            f"training loss became non-finite (NaN/inf) at step {step}; stopped at step {trainer.global_step}. "
+            f"The last good checkpoint is {last or '(none saved yet)'}. Try a lower --optim.lr, "
+            f"--trainer.gradient_clip_val, a larger --data.batch_size, or --trainer.precision=32-true."
+        )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self._check(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._check(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        # Called while the checkpoint dict is being built, before anything is written to disk.
+        self._check(trainer, pl_module)

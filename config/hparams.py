@@ -1,0 +1,303 @@
+"""Every hyperparameter of a run, one dataclass per group.
+
+Each field can be set three ways, later ones winning: the defaults below, a YAML file given with
+``--config FILE.yaml`` (nested like these dataclasses), and command-line flags ``--group.field=VALUE``
+(the form wandb sweeps pass). Field docstrings are the ``python main.py --help`` text.
+
+Values a sweep may vary are scalars on purpose: wandb passes ``--name=value`` and cannot express lists.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class DataConfig:
+    """Dataset, loading and input size."""
+
+    dataset: str = "voc"
+    """Dataset: 'voc' (Pascal VOC 2012 under data.root) or 'synthetic' (generated VOC-layout data, cached
+    under data.root; works offline)."""
+
+    root: str = "data"
+    """voc: folder holding VOCdevkit/VOC2012. synthetic: folder where the generated set is cached."""
+
+    download: bool = False
+    """voc only: download and extract VOC 2012 with torchvision when it is missing under data.root (online)."""
+
+    batch_size: int = 64
+    """Images per optimisation step (for Barlow Twins: the batch over which the cross-correlation is
+    computed; below 64 it tends to explode)."""
+
+    img_size: int = 224
+    """Side of the square network input in pixels; must be a multiple of the ViT patch size."""
+
+    pretrain_images: Literal["train", "train+val", "all"] = "train"
+    """Barlow Twins: which images to pretrain on: VOC 'train' segmentation split, 'train+val', or 'all'
+    images in JPEGImages (17k for VOC 2012)."""
+
+    val_max_images: int = 0
+    """Use at most this many validation images (0 = the whole val split)."""
+
+    num_workers: int = -1
+    """DataLoader worker processes (-1 = min(8, CPU count))."""
+
+    pin_memory: bool = True
+    """Pin host memory for faster transfers to the GPU (ignored on CPU)."""
+
+    synthetic_train: int = 1000
+    """synthetic only: number of generated training images."""
+
+    synthetic_val: int = 200
+    """synthetic only: number of generated validation images."""
+
+    synthetic_size: int = 128
+    """synthetic only: side of the generated images in pixels."""
+
+    synthetic_seed: int = 0
+    """synthetic only: seed of the generator (the same seed gives byte-identical data)."""
+
+
+@dataclass
+class AugmentConfig:
+    """The two-view Barlow Twins augmentation (defaults: the official asymmetric recipe)."""
+
+    crop_scale_min: float = 0.08
+    """RandomResizedCrop: smallest crop area as a fraction of the image."""
+
+    crop_scale_max: float = 1.0
+    """RandomResizedCrop: largest crop area as a fraction of the image."""
+
+    crop_interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    """RandomResizedCrop resampling."""
+
+    hflip_prob: float = 0.5
+    """Probability of a horizontal flip."""
+
+    jitter_prob: float = 0.8
+    """Probability of applying colour jitter."""
+
+    brightness: float = 0.4
+    """ColorJitter brightness strength."""
+
+    contrast: float = 0.4
+    """ColorJitter contrast strength."""
+
+    saturation: float = 0.2
+    """ColorJitter saturation strength."""
+
+    hue: float = 0.1
+    """ColorJitter hue strength (at most 0.5)."""
+
+    grayscale_prob: float = 0.2
+    """Probability of converting to grayscale."""
+
+    blur_sigma_min: float = 0.1
+    """Gaussian blur: smallest sigma in pixels."""
+
+    blur_sigma_max: float = 2.0
+    """Gaussian blur: largest sigma in pixels."""
+
+    blur_kernel_size: int = 0
+    """Gaussian blur kernel size, odd (0 = smallest odd size covering ±3 sigma_max)."""
+
+    blur_prob_1: float = 1.0
+    """Probability of blurring the first view."""
+
+    blur_prob_2: float = 0.1
+    """Probability of blurring the second view."""
+
+    solarize_prob_1: float = 0.0
+    """Probability of solarising the first view."""
+
+    solarize_prob_2: float = 0.2
+    """Probability of solarising the second view."""
+
+
+@dataclass
+class BackboneConfig:
+    """The feature extractor."""
+
+    name: str = "vit_small_patch16_224"
+    """'vit' (a ViT built from depth/embed_dim/num_heads/patch_size, ViT-S/16 where 0), any timm ViT
+    name (e.g. vit_small_patch16_224, vit_small_patch8_224, vit_small_patch16_224.dino), or 'resnet50'."""
+
+    depth: int = 0
+    """ViT: number of transformer blocks (0 = the named model's)."""
+
+    embed_dim: int = 0
+    """ViT: token width; must be divisible by num_heads (0 = the named model's)."""
+
+    num_heads: int = 0
+    """ViT: attention heads per block (0 = the named model's)."""
+
+    patch_size: int = 0
+    """ViT: patch side in pixels; data.img_size must be a multiple of it (0 = the named model's)."""
+
+    weights: str = ""
+    """Local weight file to initialise from: a timm/torchvision state dict (.pth/.pt/.safetensors), the
+    official Barlow Twins ResNet-50 file, or one of our checkpoints (runs/<run>/checkpoints/last.ckpt)."""
+
+    pretrained: bool = False
+    """Download the named model's published weights (timm hub / torchvision; needs internet), e.g.
+    DINO with name=vit_small_patch16_224.dino."""
+
+    strict_weights: bool = False
+    """Fail (instead of warning) when backbone.weights has missing or unexpected keys."""
+
+    global_pool: Literal["token", "avg"] = "token"
+    """ViT image embedding for Barlow Twins: the CLS 'token' or the 'avg' of the patch tokens."""
+
+    drop_path_rate: float = 0.0
+    """ViT stochastic depth rate."""
+
+
+@dataclass
+class BarlowConfig:
+    """Barlow Twins projector and loss."""
+
+    proj_dim: int = 512
+    """Width of every projector layer (512 worked best for ViTs in the report; 8192 is the official)."""
+
+    proj_layers: int = 3
+    """Number of Linear layers in the projector (BatchNorm + ReLU between them)."""
+
+    lambd: float = 0.0051
+    """Weight of the off-diagonal (redundancy reduction) term."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule (linear warmup, then cosine decay), stepped every batch."""
+
+    name: Literal["adamw", "lars"] = "adamw"
+    """'adamw' (as in the report) or 'lars' (the official Barlow Twins recipe)."""
+
+    lr: float = 5e-4
+    """Peak learning rate, reached at the end of the warmup."""
+
+    weight_decay: float = 0.05
+    """Weight decay (the official LARS recipe uses 1.5e-6)."""
+
+    exclude_1d_from_decay: bool = True
+    """Exclude biases and normalisation parameters (1-D tensors) from weight decay and LARS adaptation."""
+
+    bias_lr_scale: float = 1.0
+    """Learning-rate multiplier of 1-D parameters (the official LARS recipe: 0.0048/0.2 = 0.024)."""
+
+    warmup_epochs: float = 10.0
+    """Linear warmup length in epochs (fractions allowed)."""
+
+    min_lr_ratio: float = 0.001
+    """Final learning rate of the cosine decay as a fraction of optim.lr."""
+
+    momentum: float = 0.9
+    """LARS momentum."""
+
+    lars_eta: float = 0.001
+    """LARS trust coefficient."""
+
+    beta1: float = 0.9
+    """AdamW beta1."""
+
+    beta2: float = 0.999
+    """AdamW beta2."""
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings, checkpointing and resuming."""
+
+    max_epochs: int = 400
+    """Training epochs (400 in the report)."""
+
+    max_steps: int = -1
+    """Stop after this many optimiser steps (-1 = no limit; the schedule then follows max_epochs)."""
+
+    accelerator: str = "auto"
+    """'auto' (one CUDA GPU when present, else CPU), 'cpu' or 'gpu'."""
+
+    devices: int = 1
+    """Number of devices."""
+
+    precision: str = "auto"
+    """'auto' (bf16-mixed on a GPU that supports it, else 32-true), or any Lightning precision string."""
+
+    gradient_clip_val: float = 0.0
+    """Clip the gradient norm to this value (0 = off)."""
+
+    check_val_every_n_epoch: int = 1
+    """Run validation every this many epochs."""
+
+    limit_train_batches: float = 1.0
+    """Fraction of training batches per epoch (≤ 1.0), or a number of batches (> 1)."""
+
+    limit_val_batches: float = 1.0
+    """Fraction of validation batches (≤ 1.0), or a number of batches (> 1); 0 disables validation."""
+
+    log_every_n_steps: int = 50
+    """Write training metrics every this many steps."""
+
+    checkpoint_every_n_steps: int = 0
+    """Also save checkpoints/last.ckpt every this many steps (0 = at the end of each epoch only)."""
+
+    finite_check_every_n_steps: int = 20
+    """Check that the loss stayed finite every this many steps (and at each epoch end) — a host sync,
+    so not every step; a non-finite loss anywhere in between is still caught."""
+
+    resume: str = ""
+    """Continue a run: a checkpoint path, or 'auto' (checkpoints/last.ckpt of log.run_name, or of the
+    newest run in log.output_dir). The run's own config.yaml is the base; flags given now override it."""
+
+    deterministic: bool = False
+    """Force deterministic algorithms (slower; some CUDA ops only warn)."""
+
+    progress_bar: bool = True
+    """Show a progress bar."""
+
+    progress_refresh_rate: int = 10
+    """Refresh the progress bar every this many steps (each refresh syncs with the device)."""
+
+
+@dataclass
+class LogConfig:
+    """Run directory and Weights & Biases."""
+
+    output_dir: str = "runs"
+    """Parent folder of run directories (<output_dir>/<run_name>/)."""
+
+    run_name: str = ""
+    """Run directory and wandb run name (empty = <task>-<backbone>-<date>-<time>)."""
+
+    wandb_mode: Literal["online", "offline", "disabled"] = "online"
+    """wandb: 'online', 'offline' (files under the run directory, sync later), or 'disabled'. Online without
+    credentials falls back to offline with a warning."""
+
+    wandb_project: str = "vitssl"
+    """wandb project."""
+
+    wandb_entity: str = ""
+    """wandb entity (user or team; empty = your default)."""
+
+    wandb_tags: str = ""
+    """Comma-separated wandb tags."""
+
+
+@dataclass
+class Hparams:
+    """vitssl: Barlow Twins pretraining of ViTs / ResNet-50 on Pascal VOC 2012."""
+
+    task: str = "barlow_twins"
+    """What to run: 'barlow_twins' (self-supervised pretraining)."""
+
+    seed: int = 42
+    """Global random seed (same seed + config + machine = same numbers)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugmentConfig = field(default_factory=AugmentConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    barlow: BarlowConfig = field(default_factory=BarlowConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    log: LogConfig = field(default_factory=LogConfig)

@@ -1,0 +1,152 @@
+"""Checks of a parsed config that run before any data or model is touched.
+
+Each failure is a :class:`ConfigError` whose one-line message names the flag and what would be valid.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from config.hparams import Hparams
+from config.loading import ConfigError
+from utils.registry import UnknownNameError
+
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+VIT_ONLY_FIELDS = ("depth", "embed_dim", "num_heads", "patch_size")
+
+
+def _positive(value: float, flag: str) -> None:
+    if not value > 0:
+        raise ConfigError(f"{flag} must be > 0, got {value}")
+
+
+def _probability(value: float, flag: str) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{flag} must be a probability in [0, 1], got {value}")
+
+
+def _registered(registry, name: str, flag: str) -> None:
+    if name not in registry:
+        raise ConfigError(f"{flag}: {UnknownNameError(registry.kind, name, registry.names())}")
+
+
+def validate_backbone(cfg: Hparams) -> None:
+    from models.backbones import check_backbone_name, is_vit
+    from models.backbones.vit import resolve_architecture
+
+    b = cfg.backbone
+    try:
+        check_backbone_name(b.name)
+    except UnknownNameError as err:
+        raise ConfigError(f"--backbone.name: {err}") from None
+    for name in VIT_ONLY_FIELDS:
+        value = getattr(b, name)
+        if value < 0:
+            raise ConfigError(f"--backbone.{name} must be > 0 (or 0 for the named model's value), got {value}")
+        if value and not is_vit(b.name):
+            raise ConfigError(f"--backbone.{name} applies to ViT backbones only, not {b.name!r}; leave it at 0")
+    if is_vit(b.name):
+        arch = resolve_architecture(b)
+        if arch["embed_dim"] % arch["num_heads"]:
+            raise ConfigError(
+                f"--backbone.embed_dim={arch['embed_dim']} is not divisible by --backbone.num_heads={arch['num_heads']}"
+                f" (e.g. num_heads in {[h for h in range(1, 17) if arch['embed_dim'] % h == 0]})"
+            )
+        if cfg.data.img_size % arch["patch_size"]:
+            p = arch["patch_size"]
+            lower, upper = cfg.data.img_size // p * p, (cfg.data.img_size // p + 1) * p
+            raise ConfigError(
+                f"--data.img_size={cfg.data.img_size} is not a multiple of the patch size {p} "
+                f"(--backbone.patch_size); e.g. {lower or upper} or {upper}"
+            )
+    if not 0 <= b.drop_path_rate < 1:
+        raise ConfigError(f"--backbone.drop_path_rate must be in [0, 1), got {b.drop_path_rate}")
+    if b.weights and not Path(b.weights).is_file():
+        raise ConfigError(f"--backbone.weights: file {b.weights!r} does not exist")
+
+
+def validate_data(cfg: Hparams) -> None:
+    from datamodules import DATASETS
+
+    d = cfg.data
+    _registered(DATASETS, d.dataset, "--data.dataset")
+    _positive(d.batch_size, "--data.batch_size")
+    if d.batch_size < 2:
+        raise ConfigError(f"--data.batch_size must be >= 2 (the loss standardises over the batch), got {d.batch_size}")
+    _positive(d.img_size, "--data.img_size")
+    if d.val_max_images < 0:
+        raise ConfigError(f"--data.val_max_images must be >= 0 (0 = all), got {d.val_max_images}")
+    problem = DATASETS.get(d.dataset).check(d)
+    if problem:
+        raise ConfigError(problem)
+
+
+def validate_augment(cfg: Hparams) -> None:
+    a = cfg.aug
+    for name in ("hflip_prob", "jitter_prob", "grayscale_prob", "blur_prob_1", "blur_prob_2",
+                 "solarize_prob_1", "solarize_prob_2"):
+        _probability(getattr(a, name), f"--aug.{name}")
+    if not 0 < a.crop_scale_min <= a.crop_scale_max <= 1:
+        raise ConfigError(f"--aug.crop_scale_min/max must satisfy 0 < min <= max <= 1, got "
+                          f"{a.crop_scale_min} and {a.crop_scale_max}")
+    for name in ("brightness", "contrast", "saturation"):
+        if getattr(a, name) < 0:
+            raise ConfigError(f"--aug.{name} must be >= 0, got {getattr(a, name)}")
+    if not 0 <= a.hue <= 0.5:
+        raise ConfigError(f"--aug.hue must be in [0, 0.5], got {a.hue}")
+    if not 0 < a.blur_sigma_min <= a.blur_sigma_max:
+        raise ConfigError(f"--aug.blur_sigma_min/max must satisfy 0 < min <= max, got {a.blur_sigma_min} and {a.blur_sigma_max}")
+    if a.blur_kernel_size and (a.blur_kernel_size < 3 or a.blur_kernel_size % 2 == 0):
+        raise ConfigError(f"--aug.blur_kernel_size must be odd and >= 3 (or 0 = auto), got {a.blur_kernel_size}")
+
+
+def validate_training(cfg: Hparams) -> None:
+    _positive(cfg.barlow.proj_dim, "--barlow.proj_dim")
+    _positive(cfg.barlow.proj_layers, "--barlow.proj_layers")
+    if cfg.barlow.lambd < 0:
+        raise ConfigError(f"--barlow.lambd must be >= 0, got {cfg.barlow.lambd}")
+    o = cfg.optim
+    _positive(o.lr, "--optim.lr")
+    if o.weight_decay < 0:
+        raise ConfigError(f"--optim.weight_decay must be >= 0, got {o.weight_decay}")
+    if o.warmup_epochs < 0:
+        raise ConfigError(f"--optim.warmup_epochs must be >= 0, got {o.warmup_epochs}")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError(f"--optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    _positive(o.bias_lr_scale, "--optim.bias_lr_scale")
+    t = cfg.trainer
+    if t.max_steps == -1:
+        _positive(t.max_epochs, "--trainer.max_epochs")
+    elif t.max_steps <= 0:
+        raise ConfigError(f"--trainer.max_steps must be > 0 or -1 (no limit), got {t.max_steps}")
+    elif t.max_epochs <= 0 and t.max_epochs != -1:
+        raise ConfigError(f"--trainer.max_epochs must be > 0 or -1 (no limit), got {t.max_epochs}")
+    _positive(t.devices, "--trainer.devices")
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"--trainer.precision: {t.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if t.accelerator not in ACCELERATORS:
+        raise ConfigError(f"--trainer.accelerator: {t.accelerator!r} is not one of {', '.join(ACCELERATORS)}")
+    if t.gradient_clip_val < 0:
+        raise ConfigError(f"--trainer.gradient_clip_val must be >= 0 (0 = off), got {t.gradient_clip_val}")
+    _positive(t.limit_train_batches, "--trainer.limit_train_batches")
+    if t.limit_val_batches < 0:
+        raise ConfigError(f"--trainer.limit_val_batches must be >= 0, got {t.limit_val_batches}")
+    for name in ("check_val_every_n_epoch", "log_every_n_steps", "finite_check_every_n_steps", "progress_refresh_rate"):
+        _positive(getattr(t, name), f"--trainer.{name}")
+    if t.checkpoint_every_n_steps < 0:
+        raise ConfigError(f"--trainer.checkpoint_every_n_steps must be >= 0 (0 = off), got {t.checkpoint_every_n_steps}")
+    if t.resume and t.resume != "auto" and not Path(t.resume).exists():
+        raise ConfigError(f"--trainer.resume: checkpoint {t.resume!r} does not exist (give a .ckpt file, a run directory, or 'auto')")
+
+
+def validate(cfg: Hparams) -> Hparams:
+    from lightningmodules import TASKS
+
+    _registered(TASKS, cfg.task, "--task")
+    validate_backbone(cfg)
+    validate_augment(cfg)
+    validate_training(cfg)
+    validate_data(cfg)  # last: the only check that looks at the file system
+    if not cfg.log.output_dir:
+        raise ConfigError("--log.output_dir must not be empty")
+    return cfg

@@ -1,0 +1,21 @@
+"""Reading images from disk with errors that name the file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torchvision.io import ImageReadMode, decode_image, read_file
+
+
+class DataError(RuntimeError):
+    """Bad or missing data; the message names the file. (One-string constructor, so DataLoader workers
+    re-raise it with its type intact.)"""
+
+
+def load_rgb(path: str | Path) -> torch.Tensor:
+    """Decode a JPEG/PNG into a uint8 (3, H, W) tensor (libjpeg-turbo; no PIL round trip)."""
+    try:
+        data = read_file(str(path))
+        return decode_image(data, mode=ImageReadMode.RGB)
+    except Exception as err:  # noqa: BLE001 - torchvision raises RuntimeError/ValueError depending on damage
+        raise DataError(f"cannot decode image {path}: {err}") from None

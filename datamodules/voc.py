@@ -1,0 +1,103 @@
+"""Pascal VOC 2012 on disk: the folder layout, split lists, and the dataset sources (real and synthetic).
+
+Layout (as torchvision's VOCSegmentation reads it)::
+
+    <root>/VOCdevkit/VOC2012/JPEGImages/<id>.jpg
+    <root>/VOCdevkit/VOC2012/SegmentationClass/<id>.png
+    <root>/VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val}.txt
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from config.hparams import DataConfig
+from datamodules.images import DataError
+from datamodules.registry import DATASETS
+
+log = logging.getLogger(__name__)
+
+VOC_SUBDIR = Path("VOCdevkit") / "VOC2012"
+
+
+def voc_dir(root: str | Path) -> Path:
+    return Path(root) / VOC_SUBDIR
+
+
+def is_voc_root(root: str | Path) -> bool:
+    d = voc_dir(root)
+    return (d / "JPEGImages").is_dir() and (d / "ImageSets" / "Segmentation").is_dir()
+
+
+def read_split(root: str | Path, split: str) -> list[str]:
+    """Image ids of a segmentation split ('train', 'val', 'trainval')."""
+    path = voc_dir(root) / "ImageSets" / "Segmentation" / f"{split}.txt"
+    if not path.is_file():
+        raise DataError(f"split file {path} is missing")
+    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+
+
+def image_path(root: str | Path, image_id: str) -> Path:
+    return voc_dir(root) / "JPEGImages" / f"{image_id}.jpg"
+
+
+def all_image_ids(root: str | Path) -> list[str]:
+    return sorted(p.stem for p in (voc_dir(root) / "JPEGImages").glob("*.jpg"))
+
+
+def existing_image_paths(root: str | Path, ids: list[str]) -> list[Path]:
+    paths = [image_path(root, i) for i in ids]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} listed image(s) missing, e.g. {missing[0]}")
+    return paths
+
+
+class VOCSource:
+    """The real dataset under ``data.root``, downloaded with torchvision when asked and missing."""
+
+    @staticmethod
+    def check(cfg: DataConfig) -> str | None:
+        """Problem with the config that would stop the run, checked before anything is loaded."""
+        if cfg.download or is_voc_root(cfg.root):
+            return None
+        if not Path(cfg.root).exists():
+            return (f"--data.root: {cfg.root!r} does not exist; point it at the folder holding "
+                    f"VOCdevkit/VOC2012, set --data.download=true, or use --data.dataset=synthetic")
+        return (f"--data.root: {cfg.root!r} has no {VOC_SUBDIR}/JPEGImages and ImageSets/Segmentation; "
+                f"point it at the folder holding VOCdevkit/VOC2012 or set --data.download=true")
+
+    @staticmethod
+    def prepare(cfg: DataConfig) -> Path:
+        if not is_voc_root(cfg.root):
+            if not cfg.download:
+                raise DataError(VOCSource.check(cfg) or f"no VOC 2012 under {cfg.root}")
+            from torchvision.datasets import VOCSegmentation
+
+            log.info("downloading Pascal VOC 2012 into %s (about 2 GB)", cfg.root)
+            Path(cfg.root).mkdir(parents=True, exist_ok=True)
+            VOCSegmentation(cfg.root, year="2012", image_set="train", download=True)
+        return Path(cfg.root)
+
+
+class SyntheticSource:
+    """Generated VOC-layout data (utils/synthetic_voc.py), made once and cached under ``data.root``."""
+
+    @staticmethod
+    def check(cfg: DataConfig) -> str | None:
+        for name in ("synthetic_train", "synthetic_val"):
+            if getattr(cfg, name) < 1:
+                return f"--data.{name} must be >= 1, got {getattr(cfg, name)}"
+        if cfg.synthetic_size < 16:
+            return f"--data.synthetic_size must be >= 16 pixels, got {cfg.synthetic_size}"
+        return None
+
+    @staticmethod
+    def prepare(cfg: DataConfig) -> Path:
+        from utils.synthetic_voc import ensure_synthetic_voc
+
+        return ensure_synthetic_voc(cfg.root, cfg.synthetic_train, cfg.synthetic_val, cfg.synthetic_size, cfg.synthetic_seed)
+
+
+DATASETS.register("voc")(VOCSource)
+DATASETS.register("synthetic")(SyntheticSource)

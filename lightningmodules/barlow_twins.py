@@ -1,0 +1,108 @@
+"""Barlow Twins self-supervised pretraining (Zbontar et al., 2021) of a ViT or ResNet backbone."""
+from __future__ import annotations
+
+from typing import Optional
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from config.hparams import Hparams
+from config.loading import from_dict, to_dict
+from datamodules.barlow_twins import BarlowTwinsDataModule
+from lightningmodules.registry import TASKS, Task
+from models.backbones import build_backbone
+from models.losses import barlow_twins_loss, cross_correlation_terms
+from models.projector import Projector
+from utils.optim import build_optimizer
+from utils.schedule import warmup_cosine
+
+
+class BarlowTwinsModule(pl.LightningModule):
+    """Backbone + projector trained so that the two views' embeddings cross-correlate to the identity.
+
+    Logs ``{train,val}/loss``, ``/on_diag`` and ``/off_diag``; keeps the latest training cross-correlation
+    matrix (``last_cross_correlation``) and the epoch-averaged validation one (``val_cross_correlation``)
+    on the device for callbacks, without host syncs.
+    """
+
+    def __init__(self, config: dict):
+        super().__init__()
+        # A plain dict: checkpoints stay loadable with torch.load(weights_only=True). Not sent to the
+        # loggers: the trainer logs the config itself, at the top level of the wandb run config.
+        self.save_hyperparameters({"config": config}, logger=False)
+        self.cfg: Hparams = from_dict(config)
+        self.backbone = build_backbone(self.cfg.backbone, self.cfg.data.img_size)
+        self.projector = Projector(self.backbone.num_features, self.cfg.barlow.proj_dim, self.cfg.barlow.proj_layers)
+        self.lr = self.cfg.optim.lr  # read by configure_optimizers at call time (LR finder)
+        self.last_cross_correlation: Optional[Tensor] = None
+        self.val_cross_correlation: Optional[Tensor] = None
+        self._val_c_sum: Optional[Tensor] = None
+        self._val_batches = 0
+        # Device-side record of the first step whose loss was not finite (-1: none); read by
+        # callbacks.finite_loss.FiniteLossGuard every few steps instead of syncing every step.
+        self.register_buffer("first_nonfinite_step", torch.tensor(-1, dtype=torch.long), persistent=False)
+
+    @classmethod
+    def from_hparams(cls, cfg: Hparams) -> "BarlowTwinsModule":
+        return cls(to_dict(cfg))
+
+    def embed(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
+        if self.backbone.batch_coupled:
+            f1, f2 = self.backbone(x1), self.backbone(x2)
+        else:  # one forward pass over both views is faster and, without BatchNorm, identical
+            f1, f2 = self.backbone(torch.cat([x1, x2])).chunk(2)
+        # The projector has BatchNorm: each view is normalised over its own batch, as in the official code.
+        return self.projector(f1), self.projector(f2)
+
+    def shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
+        x1, x2 = batch
+        z1, z2 = self.embed(x1, x2)
+        loss, c = barlow_twins_loss(z1, z2, self.cfg.barlow.lambd)
+        on_diag, off_diag = cross_correlation_terms(c.detach())
+        self.log_dict(
+            {f"{stage}/on_diag": on_diag, f"{stage}/off_diag": off_diag},
+            on_step=stage == "train", on_epoch=True, batch_size=x1.shape[0],
+        )
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=x1.shape[0])
+        return loss, c.detach()
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        loss, c = self.shared_step(batch, "train")
+        self.last_cross_correlation = c
+        bad = ~torch.isfinite(loss.detach())
+        first = self.first_nonfinite_step
+        self.first_nonfinite_step = torch.where(bad & (first < 0), torch.full_like(first, self.global_step), first)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_c_sum, self._val_batches = None, 0
+
+    def validation_step(self, batch, batch_idx: int) -> Tensor:
+        loss, c = self.shared_step(batch, "val")
+        self._val_c_sum = c if self._val_c_sum is None else self._val_c_sum + c
+        self._val_batches += 1
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_batches:
+            self.val_cross_correlation = self._val_c_sum / self._val_batches
+
+    def configure_optimizers(self):
+        optim_cfg = self.cfg.optim
+        optimizer = build_optimizer(self, optim_cfg, self.lr)
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        steps_per_epoch = max(1, int(self.trainer.num_training_batches)) if self.trainer.num_training_batches != float("inf") else total_steps
+        warmup_steps = min(total_steps, round(optim_cfg.warmup_epochs * steps_per_epoch))
+        scheduler = warmup_cosine(optimizer, warmup_steps, total_steps, optim_cfg.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+TASKS.register("barlow_twins")(
+    Task(
+        module=BarlowTwinsModule,
+        datamodule=lambda cfg: BarlowTwinsDataModule(cfg.data, cfg.aug, cfg.seed),
+        monitor="val/loss",
+        mode="min",
+    )
+)

@@ -1,0 +1,1 @@
+"""Backbones, projector, losses and optimisers."""

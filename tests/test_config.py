@@ -1,0 +1,178 @@
+"""Config: defaults, YAML, command-line precedence, --help, and every validation error."""
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from config.hparams import Hparams
+from config.loading import ConfigError, build_parser, parse_config, save_config, to_dict
+from config.validation import validate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_yaml(tmp_path: Path, data: dict, name: str = "c.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_defaults_are_the_reports_setup():
+    cfg = parse_config([])
+    assert cfg == Hparams()
+    assert cfg.task == "barlow_twins" and cfg.trainer.max_epochs == 400
+    assert cfg.barlow.proj_dim == 512 and cfg.barlow.proj_layers == 3 and cfg.barlow.lambd == 0.0051
+    assert cfg.optim.name == "adamw" and cfg.data.img_size == 224
+
+
+def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path):
+    path = write_yaml(tmp_path, {"backbone": {"depth": 6, "embed_dim": 192}, "optim": {"lr": 0.01}, "seed": 3})
+    cfg = parse_config(["--config", path, "--backbone.depth=8", "--barlow.proj_dim=1024"])
+    assert cfg.backbone.depth == 8  # flag beats YAML
+    assert cfg.backbone.embed_dim == 192  # YAML beats default
+    assert cfg.optim.lr == 0.01 and cfg.seed == 3
+    assert cfg.barlow.proj_dim == 1024
+    assert cfg.barlow.lambd == Hparams().barlow.lambd  # untouched default
+
+
+def test_later_yaml_wins(tmp_path):
+    a = write_yaml(tmp_path, {"data": {"batch_size": 16, "img_size": 96}}, "a.yaml")
+    b = write_yaml(tmp_path, {"data": {"batch_size": 32}}, "b.yaml")
+    cfg = parse_config([f"--config={a}", "--config", b])
+    assert (cfg.data.batch_size, cfg.data.img_size) == (32, 96)
+
+
+def test_sweep_style_flags_parse():
+    # wandb sweeps pass every parameter as --name=value
+    cfg = parse_config(["--task=barlow_twins", "--backbone.depth=6", "--barlow.proj_dim=1024", "--optim.lr=3e-4",
+                        "--data.download=false", "--log.wandb_mode=disabled", "--data.pretrain_images=train+val"])
+    assert cfg.backbone.depth == 6 and cfg.barlow.proj_dim == 1024 and cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.data.download is False and cfg.data.pretrain_images == "train+val"
+
+
+def test_every_sweepable_field_is_a_scalar():
+    def walk(obj):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from walk(value)
+            else:
+                yield f.name, value
+
+    for name, value in walk(Hparams()):
+        assert isinstance(value, (int, float, str, bool)), name
+
+
+def test_help_lists_every_field_with_its_docstring(capsys):
+    with pytest.raises(SystemExit) as info:  # simple-parsing adds the dataclass flags while parsing
+        build_parser().parse_args(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    cfg = Hparams()
+    for group in dataclasses.fields(cfg):
+        value = getattr(cfg, group.name)
+        names = [f"--{group.name}.{f.name}" for f in dataclasses.fields(value)] if dataclasses.is_dataclass(value) else [f"--{group.name}"]
+        for flag in names:
+            assert flag in text, flag
+    assert "--config" in text
+    assert "off-diagonal (redundancy reduction)" in text  # a docstring became help text
+    for required in ("--task", "--data.dataset", "--data.root", "--data.download", "--data.batch_size",
+                     "--data.img_size", "--backbone.name", "--backbone.depth", "--backbone.embed_dim",
+                     "--backbone.num_heads", "--backbone.patch_size", "--backbone.weights", "--barlow.proj_dim",
+                     "--barlow.proj_layers", "--barlow.lambd", "--optim.lr", "--trainer.max_epochs",
+                     "--trainer.max_steps", "--trainer.resume", "--log.output_dir", "--log.wandb_mode"):
+        assert required in text, required
+
+
+def test_main_help_exits_zero():
+    out = subprocess.run([sys.executable, "main.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    assert "--barlow.proj_dim" in out.stdout and "--trainer.resume" in out.stdout
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = parse_config(["--backbone.depth=5", "--optim.lr=0.123", "--log.wandb_tags=a,b"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = parse_config(["--config", str(tmp_path / "config.yaml")])
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == to_dict(cfg)
+
+
+# ---------------------------------------------------------------- validation errors
+SYN = ["--data.dataset=synthetic", "--data.root=/tmp/vitssl-unused"]  # no data needed for these checks
+
+INVALID = [
+    (["--data.img_size=100"] + SYN, "--data.img_size=100 is not a multiple of the patch size 16"),
+    (["--backbone.embed_dim=100", "--backbone.num_heads=6"] + SYN, "--backbone.embed_dim=100 is not divisible by --backbone.num_heads=6"),
+    (["--backbone.name=vit_tiny_nonexistent"] + SYN, "--backbone.name: unknown backbone 'vit_tiny_nonexistent'; valid: resnet50, vit"),
+    (["--task=classification"] + SYN, "--task: unknown task 'classification'; valid: barlow_twins"),
+    (["--data.dataset=imagenet"], "--data.dataset: unknown dataset 'imagenet'; valid: synthetic, voc"),
+    (["--optim.lr=0"] + SYN, "--optim.lr must be > 0, got 0.0"),
+    (["--optim.lr=-1e-3"] + SYN, "--optim.lr must be > 0"),
+    (["--trainer.max_epochs=0"] + SYN, "--trainer.max_epochs must be > 0, got 0"),
+    (["--data.batch_size=0"] + SYN, "--data.batch_size must be > 0, got 0"),
+    (["--barlow.proj_dim=0"] + SYN, "--barlow.proj_dim must be > 0, got 0"),
+    (["--barlow.proj_layers=-2"] + SYN, "--barlow.proj_layers must be > 0, got -2"),
+    (["--data.root=/definitely/not/here"], "--data.root: '/definitely/not/here' does not exist"),
+    (["--backbone.weights=/no/such/file.pth"] + SYN, "--backbone.weights: file '/no/such/file.pth' does not exist"),
+    (["--trainer.resume=/no/such/last.ckpt"] + SYN, "--trainer.resume: checkpoint '/no/such/last.ckpt' does not exist"),
+    (["--backbone.name=resnet50", "--backbone.depth=6"] + SYN, "--backbone.depth applies to ViT backbones only"),
+    (["--aug.hflip_prob=1.5"] + SYN, "--aug.hflip_prob must be a probability in [0, 1]"),
+    (["--backbone.patch_size=8", "--data.img_size=60"] + SYN, "--data.img_size=60 is not a multiple of the patch size 8"),
+]
+
+
+@pytest.mark.parametrize("argv, message", INVALID, ids=[m.split()[0] for _, m in INVALID])
+def test_invalid_values_name_the_field(argv, message):
+    with pytest.raises(ConfigError) as info:
+        validate(parse_config(argv))
+    assert message in str(info.value)
+
+
+def test_unknown_yaml_key_is_an_error(tmp_path):
+    path = write_yaml(tmp_path, {"backbone": {"detph": 6}})
+    with pytest.raises(ConfigError, match=r"unknown key 'backbone.detph'; valid keys here: backbone.name, backbone.depth"):
+        parse_config(["--config", path])
+
+
+def test_unknown_yaml_group_and_wrong_shape_are_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'optimizer'"):
+        parse_config(["--config", write_yaml(tmp_path, {"optimizer": {"lr": 1}}, "a.yaml")])
+    with pytest.raises(ConfigError, match="backbone must be a mapping"):
+        parse_config(["--config", write_yaml(tmp_path, {"backbone": 5}, "b.yaml")])
+
+
+def test_wrongly_typed_yaml_value_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="backbone.depth: expected an integer, got 'six'"):
+        parse_config(["--config", write_yaml(tmp_path, {"backbone": {"depth": "six"}})])
+    with pytest.raises(ConfigError, match="log.wandb_mode: 'sometimes' is not one of online, offline, disabled"):
+        parse_config(["--config", write_yaml(tmp_path, {"log": {"wandb_mode": "sometimes"}}, "d.yaml")])
+
+
+def test_missing_config_file_is_an_error():
+    with pytest.raises(ConfigError, match="--config: file '/no/such.yaml' does not exist"):
+        parse_config(["--config", "/no/such.yaml"])
+
+
+def test_bad_flag_value_is_one_line_error():
+    with pytest.raises(ConfigError, match="--backbone.depth"):
+        parse_config(["--backbone.depth=six"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--backbone.embed_dim=100", "--backbone.num_heads=6"], "not divisible by --backbone.num_heads=6"),
+    (["--data.root=/definitely/not/here"], "--data.root"),
+    (["--optim.lr=abc"], "--optim.lr"),
+    (["--backbone.name=vit_huge_typo"], "unknown backbone 'vit_huge_typo'"),
+])
+def test_cli_errors_exit_2_with_one_line_and_no_traceback(argv, message):
+    out = subprocess.run([sys.executable, "main.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], out.stderr

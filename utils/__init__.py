@@ -1,0 +1,1 @@
+"""Utility modules for vitssl (synthetic data generation, helpers)."""

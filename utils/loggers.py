@@ -1,0 +1,114 @@
+"""Loggers: a CSV logger that keeps a resumed run's history, and wandb with an offline fallback."""
+from __future__ import annotations
+
+import csv
+import logging
+import netrc
+import os
+import secrets
+import string
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlparse
+
+from pytorch_lightning.loggers import CSVLogger, WandbLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+
+from config.hparams import Hparams
+from config.loading import to_dict
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.csv"
+
+
+class _KeepingExperimentWriter(ExperimentWriter):
+    """Lightning's writer deletes an existing metrics.csv; this one appends to it (resumed runs)."""
+
+    def __init__(self, log_dir: str) -> None:
+        super().__init__(log_dir)
+        path = Path(self.metrics_file_path)
+        if path.is_file():
+            with path.open(newline="") as f:
+                self.metrics_keys = list(csv.DictReader(f).fieldnames or [])
+
+    def _check_log_dir_exists(self) -> None:  # the run directory is ours and already holds config.yaml
+        pass
+
+
+class RunCSVLogger(CSVLogger):
+    """Writes ``<run_dir>/metrics.csv``; on resume, rows logged after the checkpoint are dropped first."""
+
+    def __init__(self, run_dir: Path, resume_step: Optional[int] = None):
+        super().__init__(save_dir=str(run_dir), name="", version="")
+        if resume_step is not None:
+            drop_rows_from_step(run_dir / METRICS_FILE, resume_step)
+
+    @property
+    def log_dir(self) -> str:
+        return self.root_dir
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _KeepingExperimentWriter(log_dir=self.root_dir)
+        return self._experiment
+
+    def log_hyperparams(self, params=None) -> None:  # config.yaml already records them
+        pass
+
+
+def drop_rows_from_step(path: Path, step: int) -> None:
+    """Remove rows logged at or after ``step`` (work after the last checkpoint, redone on resume)."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames or [], list(reader)
+    kept = [r for r in rows if r.get("step", "") == "" or int(float(r["step"])) < step]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(kept)
+
+
+def wandb_credentials_available() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def effective_wandb_mode(cfg: Hparams) -> str:
+    mode = cfg.log.wandb_mode
+    if mode == "online" and not wandb_credentials_available():
+        log.warning("wandb: no credentials (WANDB_API_KEY or `wandb login`); logging offline under the run "
+                    "directory instead — upload later with `wandb sync`")
+        return "offline"
+    return mode
+
+
+def build_wandb_logger(cfg: Hparams, run_dir: Path, mode: str) -> WandbLogger:
+    id_file = run_dir / "wandb_id.txt"
+    if id_file.is_file():  # resumed run: continue the same wandb run
+        run_id = id_file.read_text().strip()
+    else:
+        alphabet = string.ascii_lowercase + string.digits
+        run_id = "".join(secrets.choice(alphabet) for _ in range(8))  # wandb's own id format
+        id_file.write_text(run_id + "\n")
+    tags = [t.strip() for t in cfg.log.wandb_tags.split(",") if t.strip()]
+    return WandbLogger(
+        name=cfg.log.run_name,
+        project=cfg.log.wandb_project,
+        entity=cfg.log.wandb_entity or None,
+        save_dir=str(run_dir),
+        offline=mode == "offline",
+        id=run_id,
+        resume="allow",
+        tags=tags or None,
+        config=to_dict(cfg),
+    )

@@ -1,0 +1,69 @@
+"""Optimisers: AdamW and LARS, with 1-D parameters (biases, norms) optionally excluded from weight decay."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from config.hparams import OptimConfig
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS as in the official Barlow Twins code (momentum SGD with layer-wise trust ratios).
+
+    Groups with ``exclude=True`` get neither weight decay nor the trust ratio (official recipe for
+    biases and BatchNorm parameters).
+    """
+
+    def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9, eta: float = 0.001):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, exclude=False)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if not group["exclude"]:
+                    update = update.add(p, alpha=group["weight_decay"])
+                    param_norm, update_norm = torch.norm(p), torch.norm(update)
+                    one = torch.ones_like(param_norm)
+                    trust = torch.where(
+                        param_norm > 0, torch.where(update_norm > 0, group["eta"] * param_norm / update_norm, one), one
+                    )
+                    update = update.mul(trust)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(group["momentum"]).add_(update)
+                p.add_(mu, alpha=-group["lr"])
+        return loss
+
+
+def parameter_groups(model: nn.Module, cfg: OptimConfig, lr: float) -> list[dict]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not cfg.exclude_1d_from_decay:
+        return [{"params": params, "lr": lr, "weight_decay": cfg.weight_decay}]
+    matrices = [p for p in params if p.ndim > 1]
+    vectors = [p for p in params if p.ndim <= 1]
+    groups = [{"params": matrices, "lr": lr, "weight_decay": cfg.weight_decay}]
+    if vectors:
+        groups.append({"params": vectors, "lr": lr * cfg.bias_lr_scale, "weight_decay": 0.0, "exclude": True})
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, cfg, lr)
+    if cfg.name == "lars":
+        return LARS(groups, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, eta=cfg.lars_eta)
+    if cfg.name == "adamw":
+        for group in groups:
+            group.pop("exclude", None)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
+    raise ValueError(f"unknown optimiser {cfg.name!r}; valid: adamw, lars")

@@ -1,0 +1,99 @@
+"""The run directory: one folder per run holding everything needed to understand and resume it.
+
+    runs/<run_name>/
+        config.yaml            fully resolved config (give it back with --config to reproduce the run)
+        checkpoints/last.ckpt  latest state (+ best-*.ckpt by validation loss)
+        metrics.csv            every logged metric (Lightning CSV logger, beside wandb)
+        media/                 images written by callbacks
+        code/                  git commit, status and diff of the code that ran
+        wandb/                 wandb files (offline runs can be synced with `wandb sync`)
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+from config.hparams import Hparams
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+
+
+def default_run_name(cfg: Hparams) -> str:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    backbone = cfg.backbone.name.replace("/", "-")
+    return f"{cfg.task}-{backbone}-{stamp}"
+
+
+def run_directory(cfg: Hparams) -> Path:
+    """The run's folder; fixes ``cfg.log.run_name`` if it was empty."""
+    if not cfg.log.run_name:
+        cfg.log.run_name = default_run_name(cfg)
+    return Path(cfg.log.output_dir) / cfg.log.run_name
+
+
+def resolve_resume(cfg: Hparams) -> Optional[Path]:
+    """Turn ``trainer.resume`` into a checkpoint path, or None for 'auto' when there is nothing to resume."""
+    from config.loading import ConfigError
+
+    value = cfg.trainer.resume
+    if not value:
+        return None
+    if value == "auto":
+        out = Path(cfg.log.output_dir)
+        if cfg.log.run_name:
+            candidates = [out / cfg.log.run_name / CHECKPOINT_DIR / LAST_CHECKPOINT]
+        else:
+            candidates = sorted(out.glob(f"*/{CHECKPOINT_DIR}/{LAST_CHECKPOINT}"), key=lambda p: p.stat().st_mtime)
+            candidates = candidates[-1:]
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            log.warning("--trainer.resume=auto: no %s found under %s; starting a new run", LAST_CHECKPOINT, out)
+            cfg.trainer.resume = ""
+            return None
+        return found[-1]
+    path = Path(value)
+    if path.is_dir():
+        path = path / CHECKPOINT_DIR / LAST_CHECKPOINT
+    if not path.is_file():
+        raise ConfigError(
+            f"--trainer.resume: checkpoint {value!r} does not exist "
+            f"(give a .ckpt file, a run directory, or 'auto')"
+        )
+    return path
+
+
+def _git(*args: str) -> Optional[str]:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=20,
+                             cwd=Path(__file__).resolve().parent.parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def save_code_state(run_dir: Path) -> None:
+    """Record which code ran (commit, status, uncommitted diff), as the report's authors did."""
+    code = run_dir / "code"
+    code.mkdir(parents=True, exist_ok=True)
+    commit = _git("rev-parse", "HEAD")
+    (code / "git_commit.txt").write_text(commit or "not a git checkout, or no commit yet\n")
+    status = _git("status", "--porcelain")
+    if status is not None:
+        (code / "git_status.txt").write_text(status)
+    diff = _git("diff", "HEAD")
+    if diff is not None:
+        (code / "git_diff.patch").write_text(diff)
+
+
+def prepare_run_dir(cfg: Hparams) -> Path:
+    run_dir = run_directory(cfg)
+    for sub in (CHECKPOINT_DIR, "media"):
+        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    save_code_state(run_dir)
+    return run_dir

@@ -1,0 +1,654 @@
+"""Synthetic stand-in for Pascal VOC 2012 segmentation, written in exactly VOC's folder layout.
+
+Every image is S×S RGB with 1–3 objects drawn from the 20 VOC classes. A class is identified by its
+**shape** and its **texture** together, never by its colour: each object gets two random colours, used as
+the foreground and background of its class texture. Textures are fine periodic patterns (a period of
+2–4 px at 64 px, scaled by S/64 for larger images), so one 8-px ViT patch at 64 px holds at least two
+periods. Backgrounds are cluttered (gradient, low-frequency noise, flat blobs, coarse low-contrast
+stripes) but contain no class texture.
+
+Written layout (read unchanged by ``torchvision.datasets.VOCSegmentation(root, year="2012", ...)``)::
+
+    OUT/VOCdevkit/VOC2012/JPEGImages/<id>.jpg
+    OUT/VOCdevkit/VOC2012/SegmentationClass/<id>.png     palette PNG, 0 background, 1..20 classes, 255 void
+    OUT/VOCdevkit/VOC2012/SegmentationObject/<id>.png    palette PNG, 0 background, 1..k instances, 255 void
+    OUT/VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val,trainval}.txt
+
+Ids are ``train_000001``, ``val_000001``, ... (sortable, unique across splits). Image ``i`` of a split is
+drawn from a numpy Generator seeded by ``(seed, split, i)``, so output is byte-identical for a seed
+whatever ``num_workers`` is.
+
+Command line::
+
+    python -m utils.synthetic_voc OUT_DIR --train 1000 --val 200 --size 128 --seed 0 [--workers 2]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "VOC_CLASSES",
+    "VOC_PALETTE",
+    "CLASS_SHAPES",
+    "CLASS_TEXTURES",
+    "FORMAT_VERSION",
+    "MARKER_NAME",
+    "generate_synthetic_voc",
+    "ensure_synthetic_voc",
+    "render_sample",
+    "cache_dir_name",
+    "main",
+]
+
+#: Bumped whenever the generated content changes, so cached datasets of an older format are regenerated.
+FORMAT_VERSION = 2  # 2: texture periods no longer scale with image size
+#: Marker written (last) into a cached dataset root by :func:`ensure_synthetic_voc`.
+MARKER_NAME = ".complete"
+
+VOC_CLASSES: Tuple[str, ...] = (
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
+
+IGNORE_INDEX = 255
+JPEG_QUALITY = 90
+_SPLIT_CODES = {"train": 0, "val": 1}
+
+
+def _voc_palette() -> List[int]:
+    """The standard VOC colour map (the ``bitget`` construction of the devkit), flattened to 768 ints."""
+    palette: List[int] = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette.extend((r, g, b))
+    return palette
+
+
+VOC_PALETTE: List[int] = _voc_palette()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shapes: boolean functions of local coordinates (p, q), the object's bounding box mapped to ~[-1, 1]^2
+# (q grows downwards, like image rows).
+# ----------------------------------------------------------------------------------------------------
+
+ShapeFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def _polygon(p: np.ndarray, q: np.ndarray, verts: Sequence[Tuple[float, float]]) -> np.ndarray:
+    """Even-odd point-in-polygon test, vectorised over pixels (loops only over the few edges)."""
+    inside = np.zeros(p.shape, dtype=bool)
+    n = len(verts)
+    for i in range(n):
+        x1, y1 = verts[i]
+        x2, y2 = verts[(i + 1) % n]
+        if y1 == y2:
+            continue
+        crosses = (y1 > q) != (y2 > q)
+        x_at = x1 + (q - y1) * (x2 - x1) / (y2 - y1)
+        inside ^= crosses & (p < x_at)
+    return inside
+
+
+def _regular(n: int, radius: float = 1.0, start_deg: float = -90.0) -> List[Tuple[float, float]]:
+    angles = [math.radians(start_deg + 360.0 * k / n) for k in range(n)]
+    return [(radius * math.cos(a), radius * math.sin(a)) for a in angles]
+
+
+def _star(points: int = 5, outer: float = 1.0, inner: float = 0.48) -> List[Tuple[float, float]]:
+    verts = []
+    for k in range(2 * points):
+        r = outer if k % 2 == 0 else inner
+        a = math.radians(-90.0 + 180.0 * k / points)
+        verts.append((r * math.cos(a), r * math.sin(a)))
+    return verts
+
+
+_PENTAGON = _regular(5)
+_HEXAGON = _regular(6, start_deg=0.0)
+_STAR = _star()
+_TRIANGLE = [(0.0, -1.0), (1.0, 0.8), (-1.0, 0.8)]
+_TRAPEZOID = [(-0.45, -0.7), (0.45, -0.7), (1.0, 0.7), (-1.0, 0.7)]
+_ARROW = [(-1.0, -0.28), (0.15, -0.28), (0.15, -0.75), (1.0, 0.0), (0.15, 0.75), (0.15, 0.28), (-1.0, 0.28)]
+_L_SHAPE = [(-0.8, -0.95), (-0.2, -0.95), (-0.2, 0.35), (0.8, 0.35), (0.8, 0.95), (-0.8, 0.95)]
+
+
+def _heart(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    x = 1.15 * p
+    y = -1.15 * q + 0.15
+    return (x * x + y * y - 1.0) ** 3 - x * x * y ** 3 <= 0.0
+
+
+SHAPES: Dict[str, ShapeFn] = {
+    "circle": lambda p, q: p * p + q * q <= 1.0,
+    "ellipse": lambda p, q: p * p + (q / 0.55) ** 2 <= 1.0,
+    "square": lambda p, q: (np.abs(p) <= 0.8) & (np.abs(q) <= 0.8),
+    "rectangle": lambda p, q: (np.abs(p) <= 1.0) & (np.abs(q) <= 0.5),
+    "triangle": lambda p, q: _polygon(p, q, _TRIANGLE),
+    "diamond": lambda p, q: np.abs(p) + np.abs(q) <= 1.0,
+    "pentagon": lambda p, q: _polygon(p, q, _PENTAGON),
+    "hexagon": lambda p, q: _polygon(p, q, _HEXAGON),
+    "star": lambda p, q: _polygon(p, q, _STAR),
+    "cross": lambda p, q: ((np.abs(p) <= 0.34) & (np.abs(q) <= 1.0)) | ((np.abs(q) <= 0.34) & (np.abs(p) <= 1.0)),
+    "ring": lambda p, q: (p * p + q * q <= 1.0) & (p * p + q * q >= 0.5 ** 2),
+    "heart": _heart,
+    "crescent": lambda p, q: (p * p + q * q <= 1.0) & ((p - 0.5) ** 2 + (q + 0.1) ** 2 > 0.78 ** 2),
+    "trapezoid": lambda p, q: _polygon(p, q, _TRAPEZOID),
+    "arrow": lambda p, q: _polygon(p, q, _ARROW),
+    "l_shape": lambda p, q: _polygon(p, q, _L_SHAPE),
+    "frame": lambda p, q: (np.maximum(np.abs(p), np.abs(q)) <= 0.85) & (np.maximum(np.abs(p), np.abs(q)) >= 0.42),
+    "t_shape": lambda p, q: ((np.abs(q + 0.62) <= 0.3) & (np.abs(p) <= 0.95))
+    | ((np.abs(p) <= 0.3) & (q >= -0.62) & (q <= 0.95)),
+    "hourglass": lambda p, q: (np.abs(p) <= np.abs(q) * 0.95 + 0.08) & (np.abs(q) <= 0.95),
+    "semicircle": lambda p, q: (p * p + (q - 0.4) ** 2 <= 1.0) & (q <= 0.4),
+}
+
+# ----------------------------------------------------------------------------------------------------
+# Textures: boolean patterns of (u, v) = image coordinates in units of "base pixels" (1 base px = S/64
+# image px, but never less than 1 px), plus (ru = radius from the object's centre in base px).
+# Periods are 2–4 base px. Their (phase-invariant) power spectra peak at distinct frequencies.
+# ----------------------------------------------------------------------------------------------------
+
+TextureFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+def _band(t: np.ndarray, period: float, duty: float = 0.5) -> np.ndarray:
+    """Square wave: True on the first ``duty`` fraction of every period of ``t``."""
+    return np.mod(t, period) < duty * period
+
+
+def _tri(t: np.ndarray, period: float, amplitude: float) -> np.ndarray:
+    """Triangle wave in [0, amplitude]."""
+    return amplitude * np.abs(2.0 * np.mod(t / period, 1.0) - 1.0)
+
+
+TEXTURES: Dict[str, TextureFn] = {
+    "hstripes2": lambda u, v, r: _band(v, 2.0),
+    "vstripes2": lambda u, v, r: _band(u, 2.0),
+    "hstripes4": lambda u, v, r: _band(v, 4.0),
+    "vstripes4": lambda u, v, r: _band(u, 4.0),
+    "hstripes3": lambda u, v, r: _band(v, 3.0, 1.0 / 3.0),
+    "vstripes3": lambda u, v, r: _band(u, 3.0, 1.0 / 3.0),
+    "diag4": lambda u, v, r: _band(u + v, 4.0),
+    "antidiag4": lambda u, v, r: _band(u - v, 4.0),
+    "diag3": lambda u, v, r: _band(u + v, 3.0, 1.0 / 3.0),
+    "antidiag3": lambda u, v, r: _band(u - v, 3.0, 1.0 / 3.0),
+    "checker1": lambda u, v, r: _band(u, 2.0) ^ _band(v, 2.0),
+    "checker2": lambda u, v, r: _band(u, 4.0) ^ _band(v, 4.0),
+    "dots4": lambda u, v, r: _band(u, 4.0) & _band(v, 4.0),
+    "grid3": lambda u, v, r: ~(_band(u, 3.0, 2.0 / 3.0) & _band(v, 3.0, 2.0 / 3.0)),
+    "plaid_h2v4": lambda u, v, r: _band(v, 2.0) ^ _band(u, 4.0),
+    "plaid_v2h4": lambda u, v, r: _band(u, 2.0) ^ _band(v, 4.0),
+    "crosshatch3": lambda u, v, r: _band(u + v, 3.0, 1.0 / 3.0) | _band(u - v, 3.0, 1.0 / 3.0),
+    "rings": lambda u, v, r: _band(r, 3.5, 0.5),
+    "zigzag": lambda u, v, r: _band(v + _tri(u, 6.0, 3.0), 4.0),
+    "finedots": lambda u, v, r: _band(u, 2.0) & _band(v, 2.0),
+}
+
+#: Class index (1..20) → shape name / texture name.  Index 0 (background) has neither.
+CLASS_SHAPES: Tuple[str, ...] = ("",) + tuple(SHAPES)
+CLASS_TEXTURES: Tuple[str, ...] = ("",) + tuple(TEXTURES)
+assert len(CLASS_SHAPES) == len(CLASS_TEXTURES) == len(VOC_CLASSES) == 21
+
+_SHAPE_FNS: Tuple[Optional[ShapeFn], ...] = (None,) + tuple(SHAPES.values())
+_TEXTURE_FNS: Tuple[Optional[TextureFn], ...] = (None,) + tuple(TEXTURES.values())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rendering
+# ----------------------------------------------------------------------------------------------------
+
+
+def _texture_scale(size: int) -> float:
+    """Image px per texture base px. Fixed at 1 (periods 2–4 px at every image size) so that an 8-px
+    patch — the smallest ViT patch in use — holds at least two periods at any resolution."""
+    return 1.0
+
+
+def _void_radii(size: int) -> Tuple[int, int]:
+    """(inner, outer) half-widths of the void band. Total ≈ 1.5·S/64 px, at least 2 (1 px each side)."""
+    total = max(2, int(round(1.5 * size / 64.0)))
+    return total // 2, total - total // 2
+
+
+def _disk_offsets(radius: int) -> List[Tuple[int, int]]:
+    return [
+        (dy, dx)
+        for dy in range(-radius, radius + 1)
+        for dx in range(-radius, radius + 1)
+        if (dy or dx) and dy * dy + dx * dx <= radius * radius
+    ]
+
+
+def _differs_within(ids: np.ndarray, radius: int, where: np.ndarray) -> np.ndarray:
+    """True where some pixel within Euclidean ``radius`` has a different id (image edges do not count)."""
+    out = np.zeros(ids.shape, dtype=bool)
+    if radius <= 0:
+        return out
+    h, w = ids.shape
+    padded = np.pad(ids, radius, mode="edge")
+    for dy, dx in _disk_offsets(radius):
+        shifted = padded[radius + dy : radius + dy + h, radius + dx : radius + dx + w]
+        out |= shifted != ids
+    return out & where
+
+
+def _void_band(instances: np.ndarray, size: int) -> np.ndarray:
+    r_in, r_out = _void_radii(size)
+    obj = instances > 0
+    return _differs_within(instances, r_in, obj) | _differs_within(instances, r_out, ~obj)
+
+
+def _random_colour_pair(rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+    """Two uniformly random RGB colours whose luminances differ by at least 80 (so textures stay visible)."""
+    lum_w = np.array([0.299, 0.587, 0.114])
+    c1 = rng.integers(0, 256, size=3)
+    cands = rng.integers(0, 256, size=(32, 3))
+    ok = np.abs(cands @ lum_w - c1 @ lum_w) >= 80.0
+    if ok.any():
+        c2 = cands[int(np.argmax(ok))]
+    else:  # mid-grey c1 with unlucky candidates: push the luminance away explicitly
+        c2 = np.clip(255 - c1 + rng.integers(-30, 31, size=3), 0, 255)
+        if abs((c2 - c1) @ lum_w) < 80.0:
+            c2 = np.full(3, 255 if c1 @ lum_w < 128 else 0)
+    if rng.random() < 0.5:
+        c1, c2 = c2, c1
+    return c1.astype(np.float32), c2.astype(np.float32)
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int, channels: int = 3) -> np.ndarray:
+    """Low-frequency noise in [-1, 1]: a coarse random grid bilinearly upsampled to size×size."""
+    grid = rng.uniform(-1.0, 1.0, size=(cells + 1, cells + 1, channels)).astype(np.float32)
+    t = (np.arange(size, dtype=np.float32) + 0.5) * (cells / size)
+    i0 = np.minimum(t.astype(np.int64), cells - 1)
+    f = (t - i0)[:, None]
+    rows = grid[i0] * (1.0 - f)[:, :, None] + grid[i0 + 1] * f[:, :, None]  # (size, cells+1, C)
+    cols = rows[:, i0] * (1.0 - f.T)[:, :, None] + rows[:, i0 + 1] * f.T[:, :, None]
+    return cols
+
+
+def _background(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """Cluttered background: gradient + low-frequency colour noise + flat blobs + coarse faint stripes."""
+    c_a = rng.uniform(30, 225, size=3).astype(np.float32)
+    c_b = np.clip(c_a + rng.uniform(-70, 70, size=3), 0, 255).astype(np.float32)
+    ang = rng.uniform(0, 2 * math.pi)
+    g = (np.cos(ang) * xx + np.sin(ang) * yy) / size
+    g = (g - g.min()) / max(float(g.max() - g.min()), 1e-6)
+    img = c_a + (c_b - c_a) * g[:, :, None]
+    img += 28.0 * _smooth_noise(rng, size, cells=int(rng.integers(3, 7)))
+
+    for _ in range(int(rng.integers(2, 6))):  # flat, semi-transparent blobs
+        cy, cx = rng.uniform(0, size, size=2)
+        ry, rx = rng.uniform(0.08, 0.3, size=2) * size
+        blob = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+        alpha = rng.uniform(0.25, 0.55)
+        colour = rng.uniform(0, 255, size=3).astype(np.float32)
+        img[blob] = (1 - alpha) * img[blob] + alpha * colour
+
+    scale = _texture_scale(size)
+    for _ in range(int(rng.integers(0, 3))):  # coarse, faint stripes (period >= 10 base px): not a class texture
+        y0, x0 = rng.integers(0, size - size // 4, size=2)
+        h, w = rng.integers(size // 6, size // 2, size=2)
+        period = rng.uniform(10.0, 16.0) * scale
+        a = rng.uniform(0, math.pi)
+        wave = np.sin(2 * math.pi * (np.cos(a) * xx + np.sin(a) * yy) / period)
+        box = np.zeros((size, size), dtype=bool)
+        box[y0 : y0 + h, x0 : x0 + w] = True
+        img[box] += (rng.uniform(8, 18) * wave[box])[:, None]
+    return img
+
+
+class _Obj:
+    __slots__ = ("cls", "mask", "area", "cy", "cx")
+
+    def __init__(self, cls: int, mask: np.ndarray, cy: float, cx: float):
+        self.cls, self.mask, self.cy, self.cx = cls, mask, cy, cx
+        self.area = int(mask.sum())
+
+
+def _shape_mask(
+    rng: np.random.Generator, cls: int, size: int, yy: np.ndarray, xx: np.ndarray
+) -> Tuple[np.ndarray, float, float]:
+    radius = rng.uniform(0.15, 0.34) * size
+    margin = 0.6 * radius
+    cy, cx = rng.uniform(margin, size - margin, size=2)
+    theta = rng.uniform(-0.3, 0.3)  # small rotation (±17°) keeps e.g. square and diamond apart
+    ax, ay = rng.uniform(0.85, 1.15, size=2)
+    dy, dx = yy - cy, xx - cx
+    cos, sin = math.cos(theta), math.sin(theta)
+    p = (cos * dx + sin * dy) / (radius * ax)
+    q = (-sin * dx + cos * dy) / (radius * ay)
+    mask = _SHAPE_FNS[cls](p, q)  # type: ignore[misc]
+    return mask, float(cy), float(cx)
+
+
+def render_sample(size: int, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Draw one image. Returns ``(rgb uint8 (S,S,3), class labels uint8 (S,S), instance ids uint8 (S,S))``.
+
+    Labels are 0 background, 1..20 classes, 255 on the void band; instance ids are 1..k in painting order
+    (later objects occlude earlier ones), 0 background, 255 on the same void band. Every placed object keeps
+    at least half of its own area visible and some non-void pixels.
+    """
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    yy += 0.5
+    xx += 0.5
+    min_area = max(12, int(0.012 * size * size))
+    min_core = max(3, int(0.002 * size * size))
+    scale = _texture_scale(size)
+
+    for _attempt in range(100):
+        n_objects = int(rng.integers(1, 4))
+        objs: List[_Obj] = []
+        visible: List[np.ndarray] = []
+        for _ in range(n_objects):
+            cls = int(rng.integers(1, 21))
+            for _try in range(30):
+                mask, cy, cx = _shape_mask(rng, cls, size, yy, xx)
+                area = int(mask.sum())
+                if area < min_area:
+                    continue
+                if any(int((vis & ~mask).sum()) < 0.5 * o.area for o, vis in zip(objs, visible)):
+                    continue  # would hide more than half of an earlier object
+                visible = [vis & ~mask for vis in visible] + [mask]
+                objs.append(_Obj(cls, mask, cy, cx))
+                break
+        if not objs:
+            continue
+        instances = np.zeros((size, size), dtype=np.uint8)
+        labels = np.zeros((size, size), dtype=np.uint8)
+        for k, o in enumerate(objs, start=1):
+            instances[o.mask] = k
+            labels[o.mask] = o.cls
+        void = _void_band(instances, size)
+        core_counts = np.bincount(instances[~void], minlength=len(objs) + 1)
+        if (core_counts[1:] < min_core).any():
+            continue  # an object would be almost all void band: draw the image again
+        break
+    else:  # pragma: no cover - practically unreachable
+        raise RuntimeError(f"could not place objects in a {size}px image")
+
+    img = _background(rng, size, yy, xx)
+    u0, v0 = rng.uniform(0, 64, size=2)  # one random phase per image for the texture lattice
+    for o in objs:
+        c1, c2 = _random_colour_pair(rng)
+        m = o.mask
+        u = xx[m] / scale + u0
+        v = yy[m] / scale + v0
+        r = np.hypot(xx[m] - o.cx, yy[m] - o.cy) / scale + rng.uniform(0, 4)
+        pattern = _TEXTURE_FNS[o.cls](u, v, r)  # type: ignore[misc]
+        img[m] = np.where(pattern[:, None], c1, c2)
+    img += rng.normal(0.0, 4.0, size=img.shape).astype(np.float32)
+    rgb = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+    labels[void] = IGNORE_INDEX
+    instances[void] = IGNORE_INDEX
+    return rgb, labels, instances
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------------
+
+
+def _voc_dir(root: Path) -> Path:
+    return root / "VOCdevkit" / "VOC2012"
+
+
+def _image_ids(split: str, n: int) -> List[str]:
+    return [f"{split}_{i:06d}" for i in range(1, n + 1)]
+
+
+def _palette_png(arr: np.ndarray, path: Path) -> None:
+    im = Image.frombytes("P", (arr.shape[1], arr.shape[0]), np.ascontiguousarray(arr).tobytes())
+    im.putpalette(VOC_PALETTE)
+    im.save(path, format="PNG")
+
+
+def _write_one(voc: Path, split: str, index: int, size: int, seed: int) -> None:
+    rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
+    rgb, labels, instances = render_sample(size, rng)
+    image_id = f"{split}_{index:06d}"
+    Image.fromarray(rgb, "RGB").save(
+        voc / "JPEGImages" / f"{image_id}.jpg", format="JPEG", quality=JPEG_QUALITY, subsampling=0  # 4:4:4
+    )
+    _palette_png(labels, voc / "SegmentationClass" / f"{image_id}.png")
+    _palette_png(instances, voc / "SegmentationObject" / f"{image_id}.png")
+
+
+def _write_chunk(args: Tuple[str, str, int, int, int, int]) -> int:
+    voc, split, start, stop, size, seed = args
+    for index in range(start, stop):
+        _write_one(Path(voc), split, index, size, seed)
+    return stop - start
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _validate(
+    n_train: object, n_val: object, size: object, seed: object, num_workers: object = 0
+) -> Tuple[int, int, int, int, int]:
+    n_train = _check_int("n_train", n_train, 1)
+    n_val = _check_int("n_val", n_val, 1)
+    size = _check_int("size", size, 16)
+    if size > 4096:
+        raise ValueError(f"size must be <= 4096, got {size}")
+    if n_train > 999_999 or n_val > 999_999:
+        raise ValueError("n_train and n_val must be <= 999999 (ids have 6 digits)")
+    seed = _check_int("seed", seed, 0)
+    num_workers = _check_int("num_workers", num_workers, 0)
+    return n_train, n_val, size, seed, num_workers
+
+
+def generate_synthetic_voc(out_dir, n_train: int, n_val: int, size: int, seed: int, num_workers: int = 0) -> Path:
+    """Writes OUT_DIR/VOCdevkit/VOC2012/... and returns OUT_DIR (the root torchvision's VOCSegmentation takes).
+
+    ``num_workers`` > 0 renders in that many processes; the files are identical either way. Existing files
+    with the same names are overwritten; other files in ``out_dir`` are left alone.
+    """
+    n_train, n_val, size, seed, num_workers = _validate(n_train, n_val, size, seed, num_workers)
+    root = Path(out_dir)
+    voc = _voc_dir(root)
+    for sub in ("JPEGImages", "SegmentationClass", "SegmentationObject", os.path.join("ImageSets", "Segmentation")):
+        (voc / sub).mkdir(parents=True, exist_ok=True)
+
+    counts = {"train": n_train, "val": n_val}
+    if num_workers == 0:
+        for split, n in counts.items():
+            _write_chunk((str(voc), split, 1, n + 1, size, seed))
+    else:
+        import concurrent.futures as cf
+
+        chunk = max(1, min(64, (n_train + n_val) // (4 * num_workers) or 1))
+        jobs = [
+            (str(voc), split, start, min(start + chunk, n + 1), size, seed)
+            for split, n in counts.items()
+            for start in range(1, n + 1, chunk)
+        ]
+        with cf.ProcessPoolExecutor(max_workers=num_workers) as pool:
+            for _ in pool.map(_write_chunk, jobs):
+                pass
+
+    sets = voc / "ImageSets" / "Segmentation"
+    train_ids, val_ids = _image_ids("train", n_train), _image_ids("val", n_val)
+    for name, ids in (("train", train_ids), ("val", val_ids), ("trainval", train_ids + val_ids)):
+        (sets / f"{name}.txt").write_text("".join(i + "\n" for i in ids))
+    return root
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cache
+# ----------------------------------------------------------------------------------------------------
+
+
+def cache_dir_name(n_train: int, n_val: int, size: int, seed: int) -> str:
+    return f"synthetic_voc_t{n_train}_v{n_val}_s{size}_seed{seed}"
+
+
+def _marker_content(n_train: int, n_val: int, size: int, seed: int) -> dict:
+    return {"format_version": FORMAT_VERSION, "n_train": n_train, "n_val": n_val, "size": size, "seed": seed}
+
+
+def _is_complete(root: Path, expected: dict) -> bool:
+    try:
+        found = json.loads((root / MARKER_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    if found != expected:
+        return False
+    sets = _voc_dir(root) / "ImageSets" / "Segmentation"
+    return all((sets / f"{s}.txt").is_file() for s in ("train", "val", "trainval"))
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock (POSIX ``flock``); a no-op where fcntl is unavailable."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def ensure_synthetic_voc(cache_root, n_train: int, n_val: int, size: int, seed: int) -> Path:
+    """Generate once and cache: returns a root folder under cache_root whose name encodes the parameters
+    (cache_root/synthetic_voc_t{n_train}_v{n_val}_s{size}_seed{seed}); if it already holds a complete
+    dataset (a ``.complete`` JSON marker with the params and the format version, written last), reuse it;
+    otherwise (re)generate into a temporary sibling folder and atomically rename it into place, so a crash
+    or two concurrent processes never leave a half-written dataset that is treated as complete.
+
+    Concurrent callers are serialised by an ``flock`` on ``<name>.lock`` beside the dataset; the loser
+    of the race finds the winner's complete dataset and returns it.
+    """
+    n_train, n_val, size, seed, _ = _validate(n_train, n_val, size, seed)
+    cache_root = Path(cache_root)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    name = cache_dir_name(n_train, n_val, size, seed)
+    final = cache_root / name
+    expected = _marker_content(n_train, n_val, size, seed)
+    if _is_complete(final, expected):
+        return final
+
+    with _file_lock(cache_root / f"{name}.lock"):
+        if _is_complete(final, expected):  # someone else finished while we waited for the lock
+            return final
+        for leftover in cache_root.glob(f"{name}.tmp-*"):  # crashed earlier attempts (we hold the lock)
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp = cache_root / f"{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            generate_synthetic_voc(tmp, n_train, n_val, size, seed)
+            (tmp / MARKER_NAME).write_text(json.dumps(expected, sort_keys=True) + "\n")
+            if final.exists():  # incomplete or stale: move it aside first (rename never merges folders)
+                stale = cache_root / f"{name}.stale-{uuid.uuid4().hex[:8]}"
+                os.replace(final, stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if _is_complete(final, expected):  # lost a race with a process that has no flock
+                return final
+            raise
+    return final
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    classes = ", ".join(f"{i}:{c}={CLASS_SHAPES[i]}/{CLASS_TEXTURES[i]}" for i, c in enumerate(VOC_CLASSES) if i)
+    parser = argparse.ArgumentParser(
+        prog="python -m utils.synthetic_voc",
+        description=(
+            "Generate a synthetic dataset in the Pascal VOC 2012 segmentation layout "
+            "(OUT_DIR/VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,SegmentationObject,ImageSets/Segmentation}). "
+            "Each image holds 1-3 objects; a class is given by its shape and its fine texture, never by colour. "
+            "Read it with torchvision.datasets.VOCSegmentation(OUT_DIR, year='2012', image_set='train'|'val')."
+        ),
+        epilog=f"Classes (index:name=shape/texture): {classes}",
+    )
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="root folder to write (VOCdevkit/ is created inside it)")
+    parser.add_argument("--train", type=int, default=200, metavar="N", help="training images, >= 1 (default: %(default)s)")
+    parser.add_argument("--val", type=int, default=50, metavar="M", help="validation images, >= 1 (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=64, metavar="S", help="image side in px, >= 16 (default: %(default)s)")
+    parser.add_argument(
+        "--seed", type=int, default=0, metavar="K",
+        help="random seed, >= 0; the same seed gives byte-identical files (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--workers", "--num-workers", dest="workers", type=int, default=0, metavar="W",
+        help="worker processes; 0 renders in this process; output does not depend on it (default: %(default)s)",
+    )
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        root = generate_synthetic_voc(
+            args.out_dir, args.train, args.val, args.size, args.seed, num_workers=args.workers
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    elapsed = time.perf_counter() - start
+    print(
+        f"wrote {args.train} train + {args.val} val images of {args.size}x{args.size} px (seed {args.seed}) "
+        f"to {_voc_dir(root).resolve()} in {elapsed:.2f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
