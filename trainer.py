@@ -11,6 +11,7 @@ import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
 from callbacks.finite_loss import FiniteLossGuard
+from callbacks.rng_state import RNGStateCheckpoint
 from config.hparams import Hparams
 from config.loading import save_config, to_dict
 from lightningmodules import TASKS, Task
@@ -49,6 +50,7 @@ def checkpoint_step(path: str) -> int:
 def build_callbacks(cfg: Hparams, task: Task, ckpt_dir: Path) -> list[pl.Callback]:
     callbacks: list[pl.Callback] = [
         FiniteLossGuard(cfg.trainer.finite_check_every_n_steps),
+        RNGStateCheckpoint(),
         # last.ckpt at every epoch end: a crash loses at most one epoch (or checkpoint_every_n_steps).
         ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True, every_n_epochs=1,
                         save_on_train_epoch_end=True),

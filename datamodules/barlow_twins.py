@@ -12,28 +12,26 @@ from torch.utils.data import DataLoader, Dataset
 from config.hparams import AugmentConfig, DataConfig
 from datamodules.images import DataError, load_rgb
 from datamodules.registry import DATASETS
+from datamodules.sampling import SeededSampler, seeded
 from datamodules.transforms import BarlowTwinsTransform
 from datamodules.voc import all_image_ids, existing_image_paths, read_split
 
 
 class TwoViewDataset(Dataset):
-    """Images → (view1, view2). With ``fixed_seed`` set, item i always gets the same views (validation:
-    losses stay comparable across epochs)."""
+    """Images → (view1, view2), indexed by ``(index, item_seed)`` from a :class:`SeededSampler`: the views
+    depend only on the seed, never on the worker or on global RNG state."""
 
-    def __init__(self, paths: list[Path], transform: BarlowTwinsTransform, fixed_seed: Optional[int] = None):
+    def __init__(self, paths: list[Path], transform: BarlowTwinsTransform):
         self.paths = paths
         self.transform = transform
-        self.fixed_seed = fixed_seed
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, item_seed = key
         image = load_rgb(self.paths[index])
-        if self.fixed_seed is None:
-            return self.transform(image)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.fixed_seed * 1_000_003 + index)
+        with seeded(item_seed):
             return self.transform(image)
 
 
@@ -87,13 +85,18 @@ class BarlowTwinsDataModule(pl.LightningDataModule):
                 f"under {self.root} (data.pretrain_images={self.cfg.pretrain_images})"
             )
         self.train_set = TwoViewDataset(train_paths, transform)
-        self.val_set = TwoViewDataset(val_paths, transform, fixed_seed=self.seed)
+        self.val_set = TwoViewDataset(val_paths, transform)
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+        # Validation sees the same images with the same views every epoch.
+        sampler = SeededSampler(len(dataset), self.seed, shuffle=train, vary_with_epoch=train)
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
+            # Worker base seeds from a private generator: iterating a loader does not advance the global
+            # RNG, which then holds only the model's randomness (dropout, stochastic depth).
+            generator=torch.Generator().manual_seed(self.seed),
             # The loss standardises over the batch: a ragged last batch (or one of 1) would be a noisier,
             # differently scaled estimate.
             drop_last=True,
@@ -103,8 +106,8 @@ class BarlowTwinsDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+        return self._loader(self.train_set, self.batch_size, train=True)
 
     def val_dataloader(self) -> DataLoader:
         batch = max(2, min(self.batch_size, len(self.val_set)))
-        return self._loader(self.val_set, batch, shuffle=False)
+        return self._loader(self.val_set, batch, train=False)

@@ -14,7 +14,7 @@ from lightningmodules.registry import TASKS, Task
 from models.backbones import build_backbone
 from models.losses import barlow_twins_loss, cross_correlation_terms
 from models.projector import Projector
-from utils.optim import build_optimizer
+from utils.optim import build_optimizer, parameter_groups
 from utils.schedule import warmup_cosine
 
 
@@ -87,6 +87,20 @@ class BarlowTwinsModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self._val_batches:
             self.val_cross_correlation = self._val_c_sum / self._val_batches
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Resuming with a changed ``optim.lr``: rescale the learning rates stored in the optimizer and
+        scheduler states, which Lightning would otherwise restore unchanged (config.yaml would then lie)."""
+        new = [g["lr"] for g in parameter_groups(self, self.cfg.optim, self.lr)]
+        for opt_state in checkpoint.get("optimizer_states", []):
+            for group, lr in zip(opt_state["param_groups"], new):
+                ratio = lr / group.get("initial_lr", group["lr"])
+                group["initial_lr"], group["lr"] = lr, group["lr"] * ratio
+        for sched_state in checkpoint.get("lr_schedulers", []):
+            if "base_lrs" in sched_state and len(sched_state["base_lrs"]) == len(new):
+                ratios = [lr / old for lr, old in zip(new, sched_state["base_lrs"])]
+                sched_state["base_lrs"] = new
+                sched_state["_last_lr"] = [lr * r for lr, r in zip(sched_state.get("_last_lr", new), ratios)]
 
     def configure_optimizers(self):
         optim_cfg = self.cfg.optim

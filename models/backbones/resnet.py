@@ -19,6 +19,13 @@ class ResNetBackbone(nn.Module):
         self.model = model
         self.num_features = 2048
 
+    def _apply(self, fn, recurse=True):
+        # Channels-last weights and inputs on CUDA: cuDNN's fast NHWC convolutions, especially under bf16.
+        module = super()._apply(fn, recurse)
+        if next(self.model.parameters()).is_cuda:
+            self.model.to(memory_format=torch.channels_last)
+        return module
+
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x)
 
@@ -26,7 +33,9 @@ class ResNetBackbone(nn.Module):
 @BACKBONES.register("resnet50")
 def build_resnet50(cfg: BackboneConfig, img_size: int) -> ResNetBackbone:
     weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V1 if cfg.pretrained else None
-    model = torchvision.models.resnet50(weights=weights)
+    backbone = ResNetBackbone(torchvision.models.resnet50(weights=weights))
     if cfg.weights:
-        load_into(model, cfg.weights, strict=cfg.strict_weights)
-    return ResNetBackbone(model)
+        # Load after fc is replaced: the backbone has no fc, so a file's fc.* tensors are dropped as a
+        # classifier head and a file without them (the official Barlow Twins ResNet-50) has nothing missing.
+        load_into(backbone.model, cfg.weights, strict=cfg.strict_weights)
+    return backbone

@@ -1,0 +1,229 @@
+"""LARS, parameter groups, AdamW construction and the warmup-cosine schedule, against hand computations."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from config.hparams import OptimConfig
+from utils.optim import LARS, build_optimizer, parameter_groups
+from utils.schedule import warmup_cosine, warmup_cosine_factor
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(3, 4)
+        self.norm = nn.LayerNorm(4)
+        self.fc2 = nn.Linear(4, 2)
+        self.offset = nn.Parameter(torch.zeros(3, 2))  # zero norm: trust ratio must fall back to 1
+        self.frozen = nn.Parameter(torch.ones(2, 2), requires_grad=False)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.norm(self.fc1(x)))) + x @ self.offset + x[:, :2] @ self.frozen
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    model = Tiny()
+    with torch.no_grad():  # non-trivial 1-D parameters
+        model.norm.weight.uniform_(0.5, 1.5)
+        model.norm.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def compute_grads(model, x, y):
+    model.zero_grad(set_to_none=True)
+    loss = ((model(x) - y) ** 2).mean()
+    loss.backward()
+
+
+def lars_reference_step(params, grads, mus, lr, wd, momentum, eta, excluded):
+    """The official Barlow Twins LARS update, element by element on float64 copies."""
+    new_params, new_mus = [], []
+    for p, g, mu, exc in zip(params, grads, mus, excluded):
+        if exc:
+            step = g
+        else:
+            step = g + wd * p
+            p_norm = math.sqrt(sum(v * v for v in p.flatten().tolist()))
+            s_norm = math.sqrt(sum(v * v for v in step.flatten().tolist()))
+            trust = eta * p_norm / s_norm if p_norm > 0 and s_norm > 0 else 1.0
+            step = trust * step
+        mu = momentum * mu + step
+        new_mus.append(mu)
+        new_params.append(p - lr[exc] * mu if isinstance(lr, dict) else p - lr * mu)
+    return new_params, new_mus
+
+
+@pytest.mark.parametrize("exclude_1d", [True, False])
+def test_lars_two_steps_match_hand_computation(exclude_1d):
+    cfg = OptimConfig(name="lars", lr=0.3, weight_decay=0.05, momentum=0.8, lars_eta=0.02,
+                      bias_lr_scale=0.25, exclude_1d_from_decay=exclude_1d)
+    model = tiny_model()
+    opt = build_optimizer(model, cfg, lr=cfg.lr)
+    assert isinstance(opt, LARS)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = dict(model.named_parameters())
+    excluded = [exclude_1d and params[n].ndim == 1 for n in names]
+    assert sum(excluded) == (4 if exclude_1d else 0)  # fc1.bias, norm.weight, norm.bias, fc2.bias
+    lr = {True: cfg.lr * cfg.bias_lr_scale, False: cfg.lr}
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 3, generator=g), torch.randn(5, 2, generator=g)
+    ref = [params[n].detach().double().clone() for n in names]
+    mus = [torch.zeros_like(p) for p in ref]
+    frozen_before = model.frozen.detach().clone()
+    trusts_not_one = 0
+    for step in range(2):
+        compute_grads(model, x, y)
+        grads = [params[n].grad.detach().double().clone() for n in names]
+        assert all(gr.abs().sum() > 0 for gr in grads)
+        # The model's float32 params must still agree with the float64 reference before each step.
+        for n, r in zip(names, ref):
+            torch.testing.assert_close(params[n].detach().double(), r, rtol=1e-5, atol=1e-6)
+        for r, gr, exc in zip(ref, grads, excluded):
+            if not exc and r.norm() > 0:
+                trusts_not_one += abs(cfg.lars_eta * r.norm() / (gr + cfg.weight_decay * r).norm() - 1) > 0.5
+        ref, mus = lars_reference_step(ref, grads, mus, lr, cfg.weight_decay, cfg.momentum, cfg.lars_eta, excluded)
+        opt.step()
+        for n, r in zip(names, ref):
+            torch.testing.assert_close(params[n].detach().double(), r, rtol=1e-5, atol=1e-7, msg=n)
+        for n, mu in zip(names, mus):
+            torch.testing.assert_close(opt.state[params[n]]["mu"].double(), mu, rtol=1e-5, atol=1e-7, msg=n)
+    assert trusts_not_one > 0  # the trust ratio really scaled some updates
+    assert torch.equal(model.frozen, frozen_before)
+
+
+def test_lars_first_step_of_zero_parameter_is_plain_sgd():
+    # 'offset' starts at zero: trust 1 and wd·0 = 0, so after one step offset = -lr·g exactly.
+    cfg = OptimConfig(name="lars", lr=0.3, weight_decay=0.05, momentum=0.8, lars_eta=0.02)
+    model = tiny_model()
+    opt = build_optimizer(model, cfg, lr=cfg.lr)
+    compute_grads(model, torch.randn(5, 3), torch.randn(5, 2))
+    g = model.offset.grad.detach().clone()
+    assert g.abs().sum() > 0
+    opt.step()
+    torch.testing.assert_close(model.offset.detach(), -0.3 * g)
+
+
+def test_lars_zero_norm_param_uses_trust_one_and_no_grad_is_skipped():
+    p = nn.Parameter(torch.zeros(2, 3))
+    q = nn.Parameter(torch.ones(4))
+    p.grad = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]])
+    opt = LARS([p, q], lr=0.1, weight_decay=0.5, momentum=0.9, eta=0.001)
+    opt.step()
+    # trust 1 (‖p‖ = 0), wd·p = 0: p = -lr·g exactly.
+    torch.testing.assert_close(p.detach(), -0.1 * torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]]))
+    assert torch.equal(q.detach(), torch.ones(4))  # no grad: untouched
+    # Zero gradient on a non-zero parameter: the update is wd·p, its trust ratio eta·‖p‖/‖wd·p‖ = eta/wd.
+    r = nn.Parameter(torch.full((2, 2), 2.0))
+    r.grad = torch.zeros(2, 2)
+    LARS([r], lr=1.0, weight_decay=0.5, momentum=0.9, eta=0.01).step()
+    torch.testing.assert_close(r.detach(), torch.full((2, 2), 2.0 - (0.01 / 0.5) * 0.5 * 2.0))
+
+
+def test_parameter_groups():
+    model = tiny_model()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    vectors = {id(p) for p in trainable if p.dim() == 1}
+    matrices = {id(p) for p in trainable if p.dim() >= 2}
+    assert len(vectors) == 4 and len(matrices) == 3
+
+    cfg = OptimConfig(weight_decay=0.07, bias_lr_scale=0.024, exclude_1d_from_decay=True)
+    groups = parameter_groups(model, cfg, lr=2.0)
+    assert len(groups) == 2
+    decayed = next(gr for gr in groups if gr["weight_decay"] == 0.07)
+    plain = next(gr for gr in groups if gr["weight_decay"] == 0.0)
+    assert {id(p) for p in decayed["params"]} == matrices and decayed["lr"] == pytest.approx(2.0)
+    assert {id(p) for p in plain["params"]} == vectors and plain["lr"] == pytest.approx(0.048)
+    assert id(model.frozen) not in {id(p) for gr in groups for p in gr["params"]}
+
+    cfg = OptimConfig(weight_decay=0.07, bias_lr_scale=0.024, exclude_1d_from_decay=False)
+    groups = parameter_groups(model, cfg, lr=2.0)
+    assert len(groups) == 1
+    assert {id(p) for p in groups[0]["params"]} == vectors | matrices
+    assert groups[0]["weight_decay"] == 0.07 and groups[0]["lr"] == 2.0
+
+
+def test_adamw_built_with_groups_betas_and_decoupled_decay():
+    cfg = OptimConfig(name="adamw", lr=0.01, weight_decay=0.2, beta1=0.8, beta2=0.95,
+                      bias_lr_scale=0.5, exclude_1d_from_decay=True)
+    model = tiny_model()
+    opt = build_optimizer(model, cfg, lr=cfg.lr)
+    assert type(opt) is torch.optim.AdamW
+    assert all(gr["betas"] == (0.8, 0.95) for gr in opt.param_groups)
+    assert all("exclude" not in gr for gr in opt.param_groups)
+    assert sorted((gr["weight_decay"], gr["lr"]) for gr in opt.param_groups) == [(0.0, 0.005), (0.2, 0.01)]
+
+    # First AdamW step by hand: m̂ = g, v̂ = g², so p ← p·(1 − lr·wd) − lr·g / (|g| + eps).
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    compute_grads(model, x, y)
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    opt.step()
+    for n, p in model.named_parameters():
+        if n not in grads:
+            continue
+        lr, wd = (0.005, 0.0) if p.dim() == 1 else (0.01, 0.2)
+        g = grads[n]
+        expected = before[n] * (1 - lr * wd) - lr * g / (g.abs() + 1e-8)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_unknown_optimizer_raises():
+    with pytest.raises(ValueError, match="sgd"):
+        build_optimizer(tiny_model(), OptimConfig(name="sgd"), lr=0.1)
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+
+def reference_factor(step, warmup, total, min_ratio):
+    if step < warmup:
+        return (step + 1) / warmup
+    t = min(step, total)
+    angle = math.pi * (t - warmup) / (total - warmup)
+    return min_ratio + (1 - min_ratio) * (1 + math.cos(angle)) / 2
+
+
+def test_warmup_cosine_factor_values():
+    warmup, total, min_ratio = 5, 25, 0.1
+    assert warmup_cosine_factor(0, warmup, total, min_ratio) == pytest.approx(0.2)
+    assert warmup_cosine_factor(4, warmup, total, min_ratio) == pytest.approx(1.0)
+    assert warmup_cosine_factor(5, warmup, total, min_ratio) == pytest.approx(1.0)
+    # Halfway through the decay the cosine is at 0: min + (1 − min)/2.
+    assert warmup_cosine_factor(15, warmup, total, min_ratio) == pytest.approx(0.55)
+    assert warmup_cosine_factor(25, warmup, total, min_ratio) == pytest.approx(0.1)
+    assert warmup_cosine_factor(40, warmup, total, min_ratio) == pytest.approx(0.1)
+    for step in (0, 1, 2, 3, 4, 5, 6, 10, 13, 20, 24, 25, 30):
+        assert warmup_cosine_factor(step, warmup, total, min_ratio) == pytest.approx(
+            reference_factor(step, warmup, total, min_ratio), rel=1e-12), step
+    values = [warmup_cosine_factor(s, warmup, total, min_ratio) for s in range(warmup, total + 1)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_warmup_cosine_factor_without_warmup():
+    assert warmup_cosine_factor(0, 0, 10, 0.0) == pytest.approx(1.0)
+    assert warmup_cosine_factor(5, 0, 10, 0.0) == pytest.approx(0.5)
+    assert warmup_cosine_factor(10, 0, 10, 0.0) == pytest.approx(0.0, abs=1e-12)
+    assert warmup_cosine_factor(3, 0, 10, 0.2) == pytest.approx(reference_factor(3, 0, 10, 0.2))
+
+
+def test_lambda_lr_reproduces_the_sequence():
+    w = nn.Parameter(torch.zeros(2))
+    b = nn.Parameter(torch.zeros(1))
+    peaks = [0.4, 0.4 * 0.024]
+    opt = torch.optim.SGD([{"params": [w], "lr": peaks[0]}, {"params": [b], "lr": peaks[1]}], lr=peaks[0])
+    sched = warmup_cosine(opt, warmup_steps=3, total_steps=12, min_ratio=0.01)
+    seen = []
+    for _ in range(15):
+        seen.append([gr["lr"] for gr in opt.param_groups])
+        opt.step()
+        sched.step()
+    for step, lrs in enumerate(seen):
+        factor = reference_factor(step, 3, 12, 0.01)
+        assert lrs == pytest.approx([peak * factor for peak in peaks], rel=1e-12), step
+    assert seen[0][0] == pytest.approx(0.4 / 3)
+    assert seen[2][0] == pytest.approx(0.4) and seen[12][0] == pytest.approx(0.004)
