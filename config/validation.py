@@ -59,6 +59,11 @@ def validate_backbone(cfg: Hparams) -> None:
                 f"--data.img_size={cfg.data.img_size} is not a multiple of the patch size {p} "
                 f"(--backbone.patch_size); e.g. {lower or upper} or {upper}"
             )
+    if b.pretrained and b.name == "vit":
+        raise ConfigError("--backbone.pretrained needs a named model with published weights (e.g. "
+                          "--backbone.name=vit_small_patch16_224.dino), not the generic 'vit'")
+    if b.pretrained and b.weights:
+        raise ConfigError("--backbone.pretrained and --backbone.weights both set: choose one source of weights")
     if not 0 <= b.drop_path_rate < 1:
         raise ConfigError(f"--backbone.drop_path_rate must be in [0, 1), got {b.drop_path_rate}")
     if b.weights and not Path(b.weights).is_file():

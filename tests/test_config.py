@@ -122,6 +122,7 @@ INVALID = [
     (["--backbone.weights=/no/such/file.pth"] + SYN, "--backbone.weights: file '/no/such/file.pth' does not exist"),
     (["--trainer.resume=/no/such/last.ckpt"] + SYN, "--trainer.resume: checkpoint '/no/such/last.ckpt' does not exist"),
     (["--backbone.name=resnet50", "--backbone.depth=6"] + SYN, "--backbone.depth applies to ViT backbones only"),
+    (["--backbone.name=vit", "--backbone.pretrained=true"] + SYN, "--backbone.pretrained needs a named model"),
     (["--aug.hflip_prob=1.5"] + SYN, "--aug.hflip_prob must be a probability in [0, 1]"),
     (["--backbone.patch_size=8", "--data.img_size=60"] + SYN, "--data.img_size=60 is not a multiple of the patch size 8"),
 ]

@@ -66,6 +66,10 @@ def test_config_yaml_reproduces_the_run(tiny, tmp_path):
     a, b = metrics(first), metrics(second)
     assert column(a, "train/loss_step") == column(b, "train/loss_step")  # same seed → identical losses
     assert column(a, "val/loss") == column(b, "val/loss")
+    # the config names the first run; the first run directory is never written into again
+    assert main.main(["--config", str(first / "config.yaml")]) == 0
+    assert (tmp_path / "runs" / "first-1" / "checkpoints" / "last.ckpt").is_file()
+    assert column(metrics(first), "train/loss_step") == column(b, "train/loss_step")
     # a different seed gives different numbers (so the equality above is not vacuous)
     assert main.main(["--config", str(first / "config.yaml"), "--log.run_name=third", "--seed=1"]) == 0
     assert column(metrics(tmp_path / "runs" / "third"), "train/loss_step") != column(a, "train/loss_step")

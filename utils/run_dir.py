@@ -91,8 +91,23 @@ def save_code_state(run_dir: Path) -> None:
         (code / "git_diff.patch").write_text(diff)
 
 
-def prepare_run_dir(cfg: Hparams) -> Path:
+def fresh_run_directory(cfg: Hparams) -> Path:
+    """The run directory of a new (not resumed) run. An existing run is never written into: the name
+    gets a numeric suffix instead (e.g. giving a run's config.yaml back with --config)."""
     run_dir = run_directory(cfg)
+    if cfg.trainer.resume or not (run_dir / "config.yaml").exists():
+        return run_dir
+    base, n = cfg.log.run_name, 1
+    while (Path(cfg.log.output_dir) / f"{base}-{n}" / "config.yaml").exists():
+        n += 1
+    cfg.log.run_name = f"{base}-{n}"
+    log.warning("run directory %s already holds a run; writing this one to %s-%d "
+                "(--trainer.resume continues an existing run)", run_dir, base, n)
+    return run_directory(cfg)
+
+
+def prepare_run_dir(cfg: Hparams) -> Path:
+    run_dir = fresh_run_directory(cfg)
     for sub in (CHECKPOINT_DIR, "media"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     save_code_state(run_dir)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 
 import timm
 import torch
@@ -11,6 +12,8 @@ from torch import Tensor, nn
 from config.hparams import BackboneConfig
 from models.backbones.registry import BACKBONES
 from models.weights import WeightLoadingError, load_into
+
+log = logging.getLogger(__name__)
 
 # Architecture the generic name 'vit' starts from before depth/embed_dim/num_heads/patch_size overrides.
 GENERIC_VIT = "vit_small_patch16_224"
@@ -90,6 +93,10 @@ def load_vit_weights(vit: VisionTransformer, path: str, strict: bool) -> None:
 
 def build_vit(cfg: BackboneConfig, img_size: int) -> ViTBackbone:
     name = architecture_name(cfg.name)
+    tag = timm.models.split_model_name_tag(name)[1]
+    if tag and not cfg.pretrained and not cfg.weights:
+        log.warning("backbone %s names published weights (.%s) but backbone.pretrained is false: the model is "
+                    "randomly initialised (set --backbone.pretrained=true to download them)", name, tag)
     vit = timm.create_model(
         name,
         pretrained=cfg.pretrained and cfg.name != "vit",
