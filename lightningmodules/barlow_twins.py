@@ -118,5 +118,9 @@ TASKS.register("barlow_twins")(
         datamodule=lambda cfg: BarlowTwinsDataModule(cfg.data, cfg.aug, cfg.seed),
         monitor="val/loss",
         mode="min",
+        metrics=tuple(
+            [f"train/{m}_{when}" for m in ("loss", "on_diag", "off_diag") for when in ("step", "epoch")]
+            + [f"val/{m}" for m in ("loss", "on_diag", "off_diag")]
+        ),
     )
 )

@@ -19,6 +19,8 @@ class Task:
     """Validation metric that selects checkpoints/best-*.ckpt."""
     mode: str
     """'min' or 'max' for ``monitor``."""
+    metrics: tuple[str, ...] = ()
+    """Every metric name the task logs (metrics.csv columns and wandb keys), for checking sweep metrics."""
 
 
 TASKS: Registry[Task] = Registry("task")
