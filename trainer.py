@@ -17,6 +17,7 @@ from config.loading import save_config, to_dict
 from lightningmodules import TASKS, Task
 from utils.loggers import RunCSVLogger, build_wandb_logger, effective_wandb_mode
 from utils.run_dir import CHECKPOINT_DIR, prepare_run_dir
+from utils.tuning import tune
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,8 @@ def fit(run: Run) -> Run:
     if ckpt:
         log.info("resuming from %s", ckpt)
     try:
+        if not ckpt:
+            tune(run)
         run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=ckpt)
     except BaseException:
         _finish_wandb(exit_code=1)

@@ -46,7 +46,7 @@ class RNGStateCheckpoint(pl.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         # Restored here rather than in load_state_dict: Lightning draws random numbers between restoring
         # callbacks and the first batch; the uninterrupted run's state at this point equals the saved one.
-        pending = getattr(self, "_pending", None)
-        if pending is not None:
+        pending, self._pending = getattr(self, "_pending", None), None
+        # Only when fit() resumes a checkpoint: the tuner's temporary checkpoints load callback states too.
+        if pending is not None and trainer.ckpt_path is not None:
             restore_rng_state(pending)
-            self._pending = None

@@ -246,6 +246,33 @@ class TrainerConfig:
     """Check that the loss stayed finite every this many steps (and at each epoch end) — a host sync,
     so not every step; a non-finite loss anywhere in between is still caught."""
 
+    tune_batch_size: bool = False
+    """Before training, find the largest batch that fits (Lightning's Tuner) and train with it; the value
+    found replaces data.batch_size in config.yaml and the wandb config."""
+
+    tune_batch_size_mode: Literal["power", "binsearch"] = "power"
+    """Batch-size search: 'power' (double until out of memory) or 'binsearch' (then bisect; keeps a 5% margin)."""
+
+    tune_batch_size_max: int = 4096
+    """Upper bound of the batch-size search (on CPU nothing runs out of memory: this bound, the dataset size
+    or tune_batch_size_trials ends the search)."""
+
+    tune_batch_size_trials: int = 25
+    """Maximum number of batch sizes tried."""
+
+    tune_lr: bool = False
+    """Before training (after tune_batch_size), run the LR range test and train with the suggested peak
+    learning rate; its loss-vs-LR plot goes to media/lr_finder.png and wandb."""
+
+    tune_lr_min: float = 1e-6
+    """LR range test: smallest learning rate tried."""
+
+    tune_lr_max: float = 1.0
+    """LR range test: largest learning rate tried."""
+
+    tune_lr_steps: int = 100
+    """LR range test: number of training steps (at least 13 finite losses are needed for a suggestion)."""
+
     resume: str = ""
     """Continue a run: a checkpoint path, or 'auto' (checkpoints/last.ckpt of log.run_name, or of the
     newest run in log.output_dir). The run's own config.yaml is the base; flags given now override it."""

@@ -140,6 +140,20 @@ def validate_training(cfg: Hparams) -> None:
         _positive(getattr(t, name), f"--trainer.{name}")
     if t.checkpoint_every_n_steps < 0:
         raise ConfigError(f"--trainer.checkpoint_every_n_steps must be >= 0 (0 = off), got {t.checkpoint_every_n_steps}")
+    if t.tune_batch_size or t.tune_lr:
+        if t.resume:
+            raise ConfigError("--trainer.tune_batch_size/tune_lr apply to new runs; a resumed run keeps the values "
+                              "in its config.yaml (drop the tune flags, or start a new run)")
+        if t.devices != 1:
+            raise ConfigError("--trainer.tune_batch_size/tune_lr need --trainer.devices=1 (Lightning's tuner refuses "
+                              "distributed runs): tune on one device, then train on several with the values found")
+    if t.tune_batch_size_max < 2:
+        raise ConfigError(f"--trainer.tune_batch_size_max must be >= 2, got {t.tune_batch_size_max}")
+    _positive(t.tune_batch_size_trials, "--trainer.tune_batch_size_trials")
+    if not 0 < t.tune_lr_min < t.tune_lr_max:
+        raise ConfigError(f"--trainer.tune_lr_min/max must satisfy 0 < min < max, got {t.tune_lr_min} and {t.tune_lr_max}")
+    if t.tune_lr_steps < 13:
+        raise ConfigError(f"--trainer.tune_lr_steps must be >= 13 (the LR finder needs 13 finite losses), got {t.tune_lr_steps}")
     if t.resume and t.resume != "auto" and not Path(t.resume).exists():
         raise ConfigError(f"--trainer.resume: checkpoint {t.resume!r} does not exist (give a .ckpt file, a run directory, or 'auto')")
 
