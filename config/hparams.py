@@ -168,6 +168,63 @@ class BarlowConfig:
 
 
 @dataclass
+class SegmentationConfig:
+    """Semantic segmentation on VOC 2012 (task=segmentation): frozen backbone + a light head."""
+
+    head: str = "setr_naive"
+    """ViT heads on the patch tokens: 'linear', 'setr_naive', 'setr_pup', 'setr_mla'; ResNet-50: 'deeplabv3'."""
+
+    num_classes: int = 21
+    """Output classes (VOC: background + 20); label 255 is ignored."""
+
+    freeze_backbone: bool = True
+    """Frozen backbone: no gradients and eval mode (dropout off, BatchNorm statistics fixed)."""
+
+    backbone_lr: float = 1e-5
+    """Learning rate of the backbone when it is fine-tuned (freeze_backbone=false); the head uses optim.lr."""
+
+    hidden_dim: int = 256
+    """Channels of the SETR heads' hidden layers."""
+
+    mla_blocks: str = ""
+    """setr_mla: comma-separated ViT block indices to aggregate, 0-based (empty = 4 evenly spaced blocks
+    ending with the last, e.g. 2,5,8,11 for depth 12)."""
+
+    head_weights: str = ""
+    """Local file with trained head weights (e.g. a segmentation run's checkpoints/best-*.ckpt); with
+    deeplabv3, a torchvision DeepLabV3 state dict (its classifier is the head)."""
+
+    pretrained_head: bool = False
+    """deeplabv3: start from torchvision's COCO-trained DeepLabV3-ResNet-50 (head and backbone; needs
+    internet); backbone.weights / backbone.pretrained then replace the backbone part."""
+
+    aux_loss: bool = False
+    """deeplabv3: add the auxiliary FCN head on layer3 (weight aux_weight)."""
+
+    aux_weight: float = 0.4
+    """Weight of the auxiliary loss."""
+
+    loss: Literal["ce", "dice", "focal"] = "ce"
+    """Training loss; label 255 is ignored by all three."""
+
+    focal_gamma: float = 2.0
+    """Focal loss focusing parameter."""
+
+    crop_scale_min: float = 0.5
+    """Training RandomResizedCrop: smallest crop area as a fraction of the image."""
+
+    hflip_prob: float = 0.5
+    """Training horizontal flip probability."""
+
+    eval_mode: Literal["resize", "full"] = "resize"
+    """'resize': image and mask at data.img_size (the report's protocol); 'full': logits resized back to
+    each image's original resolution, mask untouched (what papers report)."""
+
+    log_per_class_every_n_epochs: int = 1
+    """Write the per-class IoU table (run directory + wandb) every this many validation epochs."""
+
+
+@dataclass
 class OptimConfig:
     """Optimiser and learning-rate schedule (linear warmup, then cosine decay), stepped every batch."""
 
@@ -273,6 +330,10 @@ class TrainerConfig:
     tune_lr_steps: int = 100
     """LR range test: number of training steps (at least 13 finite losses are needed for a suggestion)."""
 
+    eval_only: bool = False
+    """Evaluate on the validation split without training (segmentation: with --backbone.weights and
+    --segmentation.head_weights), writing the metrics to the run directory."""
+
     resume: str = ""
     """Continue a run: a checkpoint path, or 'auto' (checkpoints/last.ckpt of log.run_name, or of the
     newest run in log.output_dir). The run's own config.yaml is the base; flags given now override it."""
@@ -316,7 +377,8 @@ class Hparams:
     """vitssl: Barlow Twins pretraining of ViTs / ResNet-50 on Pascal VOC 2012."""
 
     task: str = "barlow_twins"
-    """What to run: 'barlow_twins' (self-supervised pretraining)."""
+    """What to run: 'barlow_twins' (self-supervised pretraining) or 'segmentation' (VOC 2012 semantic
+    segmentation with a frozen backbone and a light head)."""
 
     seed: int = 42
     """Global random seed (same seed + config + machine = same numbers)."""
@@ -325,6 +387,7 @@ class Hparams:
     aug: AugmentConfig = field(default_factory=AugmentConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     barlow: BarlowConfig = field(default_factory=BarlowConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     log: LogConfig = field(default_factory=LogConfig)
