@@ -308,7 +308,7 @@ class TrainerConfig:
     found replaces data.batch_size in config.yaml and the wandb config."""
 
     tune_batch_size_mode: Literal["power", "binsearch"] = "power"
-    """Batch-size search: 'power' (double until out of memory) or 'binsearch' (then bisect; keeps a 5% margin)."""
+    """Batch-size search: 'power' (double until out of memory) or 'binsearch' (then bisect; keeps a 5 percent margin)."""
 
     tune_batch_size_max: int = 4096
     """Upper bound of the batch-size search (on CPU nothing runs out of memory: this bound, the dataset size
