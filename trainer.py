@@ -107,7 +107,23 @@ def build(cfg: Hparams) -> Run:
     return Run(cfg, run_dir, task, module, datamodule, trainer)
 
 
+def evaluate(run: Run) -> dict:
+    """Validation only (``--trainer.eval_only``): the metrics go to ``<run>/eval_metrics.yaml`` too."""
+    import yaml
+
+    results = run.trainer.validate(run.module, datamodule=run.datamodule)
+    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    (run.run_dir / "eval_metrics.yaml").write_text(yaml.safe_dump(metrics, sort_keys=True))
+    return metrics
+
+
 def fit(run: Run) -> Run:
+    if run.cfg.trainer.eval_only:
+        try:
+            evaluate(run)
+        finally:
+            _finish_wandb(exit_code=0)
+        return run
     ckpt: Optional[str] = run.cfg.trainer.resume or None
     if ckpt:
         log.info("resuming from %s", ckpt)

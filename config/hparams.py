@@ -210,6 +210,11 @@ class SegmentationConfig:
     focal_gamma: float = 2.0
     """Focal loss focusing parameter."""
 
+    class_weighting: Literal["none", "median_frequency"] = "none"
+    """Cross-entropy/focal class weights: 'none' (the report's protocol) or 'median_frequency' (median class
+    pixel frequency / class frequency over the train masks; keeps weak features from collapsing to
+    all-background)."""
+
     crop_scale_min: float = 0.5
     """Training RandomResizedCrop: smallest crop area as a fraction of the image."""
 

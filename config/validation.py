@@ -158,6 +158,45 @@ def validate_training(cfg: Hparams) -> None:
         raise ConfigError(f"--trainer.resume: checkpoint {t.resume!r} does not exist (give a .ckpt file, a run directory, or 'auto')")
 
 
+def validate_segmentation(cfg: Hparams) -> None:
+    from models.backbones import is_vit
+    from models.backbones.vit import resolve_architecture
+    from models.heads import head_levels
+    from models.segmenters import DEEPLAB_HEAD, head_fits_backbone, segmentation_head_names
+
+    s = cfg.segmentation
+    if s.head not in segmentation_head_names():
+        raise ConfigError(f"--segmentation.head: unknown head {s.head!r}; valid: {', '.join(segmentation_head_names())}")
+    problem = head_fits_backbone(s.head, cfg.backbone.name)
+    if problem:
+        raise ConfigError(problem)
+    if s.head != DEEPLAB_HEAD and is_vit(cfg.backbone.name):
+        try:
+            head_levels(s.head, resolve_architecture(cfg.backbone)["depth"], s)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    if s.num_classes < 2:
+        raise ConfigError(f"--segmentation.num_classes must be >= 2, got {s.num_classes}")
+    _positive(s.hidden_dim, "--segmentation.hidden_dim")
+    _positive(s.backbone_lr, "--segmentation.backbone_lr")
+    _positive(s.log_per_class_every_n_epochs, "--segmentation.log_per_class_every_n_epochs")
+    if not 0 < s.crop_scale_min <= 1:
+        raise ConfigError(f"--segmentation.crop_scale_min must be in (0, 1], got {s.crop_scale_min}")
+    _probability(s.hflip_prob, "--segmentation.hflip_prob")
+    if s.aux_weight < 0 or s.focal_gamma < 0:
+        raise ConfigError("--segmentation.aux_weight and --segmentation.focal_gamma must be >= 0")
+    for flag, on in (("pretrained_head", s.pretrained_head), ("aux_loss", s.aux_loss)):
+        if on and s.head != DEEPLAB_HEAD:
+            raise ConfigError(f"--segmentation.{flag} applies to --segmentation.head={DEEPLAB_HEAD} only")
+    if s.pretrained_head and s.num_classes != 21:
+        raise ConfigError("--segmentation.pretrained_head: the COCO DeepLabV3 predicts VOC's 21 classes; "
+                          f"--segmentation.num_classes is {s.num_classes}")
+    if s.class_weighting != "none" and s.loss == "dice":
+        raise ConfigError("--segmentation.class_weighting applies to the ce and focal losses (Dice is balanced already)")
+    if s.head_weights and not Path(s.head_weights).is_file():
+        raise ConfigError(f"--segmentation.head_weights: file {s.head_weights!r} does not exist")
+
+
 def validate(cfg: Hparams) -> Hparams:
     from lightningmodules import TASKS
 
@@ -165,6 +204,8 @@ def validate(cfg: Hparams) -> Hparams:
     validate_backbone(cfg)
     validate_augment(cfg)
     validate_training(cfg)
+    if cfg.task == "segmentation":
+        validate_segmentation(cfg)
     validate_data(cfg)  # last: the only check that looks at the file system
     if not cfg.log.output_dir:
         raise ConfigError("--log.output_dir must not be empty")

@@ -57,3 +57,24 @@ class BarlowTwinsTransform:
 
     def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.view1(image), self.view2(image)
+
+
+# ------------------------------------------------------------------------------------ segmentation
+def segmentation_train_transform(img_size: int, crop_scale_min: float, hflip_prob: float) -> v2.Compose:
+    """Joint image/mask augmentation: the same crop and flip for both; the mask is resampled with
+    nearest neighbours (tv_tensors.Mask) and keeps its uint8 labels; only the image is normalised."""
+    return v2.Compose([
+        v2.RandomResizedCrop(img_size, scale=(crop_scale_min, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(p=hflip_prob),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def segmentation_eval_transform(img_size: int) -> v2.Compose:
+    """Image (and mask, when one is passed) resized to img_size × img_size."""
+    return v2.Compose([
+        v2.Resize((img_size, img_size), antialias=True),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])

@@ -19,6 +19,12 @@ log = logging.getLogger(__name__)
 
 VOC_SUBDIR = Path("VOCdevkit") / "VOC2012"
 
+# Class ids 0..20 of the segmentation masks (255 marks the void border and is ignored).
+VOC_CLASSES: tuple[str, ...] = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+
 
 def voc_dir(root: str | Path) -> Path:
     return Path(root) / VOC_SUBDIR

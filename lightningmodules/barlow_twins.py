@@ -14,8 +14,8 @@ from lightningmodules.registry import TASKS, Task
 from models.backbones import build_backbone
 from models.losses import barlow_twins_loss, cross_correlation_terms
 from models.projector import Projector
-from utils.optim import build_optimizer, parameter_groups
-from utils.schedule import warmup_cosine
+from utils.optim import build_optimizer, parameter_groups, rescale_checkpoint_lrs
+from utils.schedule import with_schedule
 
 
 class BarlowTwinsModule(pl.LightningModule):
@@ -89,27 +89,10 @@ class BarlowTwinsModule(pl.LightningModule):
             self.val_cross_correlation = self._val_c_sum / self._val_batches
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Resuming with a changed ``optim.lr``: rescale the learning rates stored in the optimizer and
-        scheduler states, which Lightning would otherwise restore unchanged (config.yaml would then lie)."""
-        new = [g["lr"] for g in parameter_groups(self, self.cfg.optim, self.lr)]
-        for opt_state in checkpoint.get("optimizer_states", []):
-            for group, lr in zip(opt_state["param_groups"], new):
-                ratio = lr / group.get("initial_lr", group["lr"])
-                group["initial_lr"], group["lr"] = lr, group["lr"] * ratio
-        for sched_state in checkpoint.get("lr_schedulers", []):
-            if "base_lrs" in sched_state and len(sched_state["base_lrs"]) == len(new):
-                ratios = [lr / old for lr, old in zip(new, sched_state["base_lrs"])]
-                sched_state["base_lrs"] = new
-                sched_state["_last_lr"] = [lr * r for lr, r in zip(sched_state.get("_last_lr", new), ratios)]
+        rescale_checkpoint_lrs(checkpoint, [g["lr"] for g in parameter_groups(self, self.cfg.optim, self.lr)])
 
     def configure_optimizers(self):
-        optim_cfg = self.cfg.optim
-        optimizer = build_optimizer(self, optim_cfg, self.lr)
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = max(1, int(self.trainer.num_training_batches)) if self.trainer.num_training_batches != float("inf") else total_steps
-        warmup_steps = min(total_steps, round(optim_cfg.warmup_epochs * steps_per_epoch))
-        scheduler = warmup_cosine(optimizer, warmup_steps, total_steps, optim_cfg.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return with_schedule(self.trainer, build_optimizer(self, self.cfg.optim, self.lr), self.cfg.optim)
 
 
 TASKS.register("barlow_twins")(

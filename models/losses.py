@@ -1,8 +1,9 @@
-"""Self-supervised losses as pure functions."""
+"""Losses: Barlow Twins (a pure function) and the segmentation losses (small modules)."""
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 
 def standardize(z: Tensor, eps: float = 1e-5) -> Tensor:
@@ -40,3 +41,64 @@ def cross_correlation_terms(c: Tensor) -> tuple[Tensor, Tensor]:
     on_diag = (torch.diagonal(c) - 1).pow(2).sum()
     off_diag = c.flatten()[:-1].view(d - 1, d + 1)[:, 1:].pow(2).sum()
     return on_diag, off_diag
+
+
+# ----------------------------------------------------------------------------------------- segmentation
+class FocalLoss(nn.Module):
+    """Focal loss (Lin et al., 2017): cross-entropy scaled by (1 − p_t)^γ, averaged over labelled pixels."""
+
+    def __init__(self, gamma: float = 2.0, ignore_index: int = 255, weight: Tensor | None = None):
+        super().__init__()
+        self.gamma, self.ignore_index = gamma, ignore_index
+        self.register_buffer("weight", weight)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        ce = F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index, reduction="none")
+        valid = target != self.ignore_index
+        pt = torch.exp(-ce)  # probability of the true class (unweighted)
+        focal = (1 - pt).pow(self.gamma) * ce
+        if self.weight is None:
+            return focal[valid].sum() / valid.sum().clamp(min=1)
+        w = self.weight[target.masked_fill(~valid, 0)] * valid
+        return (w * focal).sum() / w.sum().clamp(min=1e-12)
+
+
+class DiceLoss(nn.Module):
+    """Soft multiclass Dice loss: 1 − mean over classes of (2|P∩G| + s) / (|P| + |G| + s), on softmax
+    probabilities, ignored pixels excluded from every sum."""
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, smooth: float = 1.0):
+        super().__init__()
+        self.num_classes, self.ignore_index, self.smooth = num_classes, ignore_index, smooth
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        probs = logits.float().softmax(dim=1)
+        valid = (target != self.ignore_index).unsqueeze(1)
+        onehot = F.one_hot(target.masked_fill(~valid.squeeze(1), 0), self.num_classes).permute(0, 3, 1, 2)
+        probs, onehot = probs * valid, onehot * valid
+        dims = (0, 2, 3)
+        intersection = (probs * onehot).sum(dims)
+        total = probs.sum(dims) + onehot.sum(dims)
+        return 1 - ((2 * intersection + self.smooth) / (total + self.smooth)).mean()
+
+
+def segmentation_loss(name: str, num_classes: int, ignore_index: int = 255, focal_gamma: float = 2.0,
+                      weight: Tensor | None = None) -> nn.Module:
+    """``weight``: per-class weights (cross-entropy and focal; Dice is balanced by construction)."""
+    if name == "ce":
+        return nn.CrossEntropyLoss(weight=weight, ignore_index=ignore_index)
+    if name == "dice":
+        return DiceLoss(num_classes, ignore_index)
+    if name == "focal":
+        return FocalLoss(focal_gamma, ignore_index, weight)
+    raise ValueError(f"unknown segmentation loss {name!r}; valid: ce, dice, focal")
+
+
+def median_frequency_weights(pixel_counts: Tensor) -> Tensor:
+    """Median frequency balancing (Eigen & Fergus, 2015): w_c = median(f) / f_c over classes present;
+    absent classes get weight 0 (they never appear as a target)."""
+    freq = pixel_counts.double() / pixel_counts.sum().clamp(min=1)
+    present = freq > 0
+    weights = torch.zeros_like(freq)
+    weights[present] = freq[present].median() / freq[present]
+    return weights.float()

@@ -11,7 +11,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -88,16 +88,32 @@ def strip_common_prefix(state: dict[str, torch.Tensor], target_keys: set[str]) -
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, prefix
 
 
+def choose_prefix(state: dict[str, torch.Tensor], target_keys: set[str],
+                  prefixes: Sequence[str]) -> tuple[dict[str, torch.Tensor], str]:
+    """The first of ``prefixes`` (known layouts, e.g. our checkpoints' 'model.backbone.vit.') under which
+    some file key matches the target; otherwise the prefix found by :func:`strip_common_prefix`."""
+    for prefix in prefixes:
+        stripped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if any(k in target_keys for k in stripped):
+            return stripped, prefix
+    return strip_common_prefix(state, target_keys)
+
+
 def load_into(
     module: nn.Module,
     path: str | Path,
     strict: bool = False,
     convert: Optional[Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = None,
+    prefixes: Sequence[str] = (),
+    select: Optional[Callable[[str], bool]] = None,
 ) -> LoadReport:
-    """Load ``path`` into ``module``; ``convert`` adapts the file to the module (e.g. pos-embed resizing)."""
+    """Load ``path`` into ``module``. ``prefixes``: known key layouts to try first; ``select``: keep only
+    the (prefix-stripped) keys it accepts; ``convert`` adapts the file to the module (pos-embed resizing)."""
     state = read_state_dict(path)
     target = module.state_dict()
-    state, prefix = strip_common_prefix(state, set(target))
+    state, prefix = choose_prefix(state, set(target), prefixes)
+    if select is not None:
+        state = {k: v for k, v in state.items() if select(k)}
     if convert is not None:
         state = convert(state)
     dropped = [k for k in state if k not in target and k.startswith(_HEAD_PREFIXES)]

@@ -47,7 +47,10 @@ class LARS(torch.optim.Optimizer):
 
 
 def parameter_groups(model: nn.Module, cfg: OptimConfig, lr: float) -> list[dict]:
+    """Trainable parameters in one group, or two (matrices / 1-D tensors) with exclude_1d_from_decay."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        return []
     if not cfg.exclude_1d_from_decay:
         return [{"params": params, "lr": lr, "weight_decay": cfg.weight_decay}]
     matrices = [p for p in params if p.ndim > 1]
@@ -59,7 +62,10 @@ def parameter_groups(model: nn.Module, cfg: OptimConfig, lr: float) -> list[dict
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, cfg, lr)
+    return optimizer_from_groups(parameter_groups(model, cfg, lr), cfg, lr)
+
+
+def optimizer_from_groups(groups: list[dict], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     if cfg.name == "lars":
         return LARS(groups, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, eta=cfg.lars_eta)
     if cfg.name == "adamw":
@@ -67,3 +73,18 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
             group.pop("exclude", None)
         return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
     raise ValueError(f"unknown optimiser {cfg.name!r}; valid: adamw, lars")
+
+
+def rescale_checkpoint_lrs(checkpoint: dict, new_lrs: list[float]) -> None:
+    """Resuming with a changed learning rate: Lightning restores the optimizer's and scheduler's stored
+    rates unchanged. Rescale them to ``new_lrs`` (one per parameter group, in order) so the run uses the
+    config it says it uses."""
+    for opt_state in checkpoint.get("optimizer_states", []):
+        for group, lr in zip(opt_state["param_groups"], new_lrs):
+            ratio = lr / group.get("initial_lr", group["lr"])
+            group["initial_lr"], group["lr"] = lr, group["lr"] * ratio
+    for sched_state in checkpoint.get("lr_schedulers", []):
+        if "base_lrs" in sched_state and len(sched_state["base_lrs"]) == len(new_lrs):
+            ratios = [lr / old for lr, old in zip(new_lrs, sched_state["base_lrs"])]
+            sched_state["base_lrs"] = list(new_lrs)
+            sched_state["_last_lr"] = [lr * r for lr, r in zip(sched_state.get("_last_lr", new_lrs), ratios)]

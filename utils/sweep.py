@@ -348,7 +348,11 @@ def load_sweep(path: str | Path, overrides: Mapping[str, Any] | Sequence[str] = 
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise SweepError(f"{src}: not valid YAML: {err}".replace("\n", " ")) from None
+        hint = ""
+        if "${" in path.read_text():
+            hint = " — a ${macro} inside [...] must be quoted ('${args}'), or write the command as a block list"
+        detail = " ".join(str(err).split())
+        raise SweepError(f"{src}: not valid YAML{hint}: {detail}") from None
     if not isinstance(raw, dict):
         raise SweepError(f"{src}: a sweep file is a mapping with program, method, metric, parameters; got {raw!r}")
     unknown = [k for k in raw if k not in TOP_LEVEL_KEYS]
@@ -461,7 +465,8 @@ def check_parameters(sweep: Sweep) -> None:
                 parser.parse_args([f"--{name}={value}"])
             except ConfigError as err:
                 detail = str(err).replace(" (see python main.py --help)", "")
-                raise SweepError(f"{where}: value {value!r} is not valid for a {_type_name(tp)} field ({detail})") \
+                raise SweepError(f"{where}: value {value!r} is not valid for this field of type {_type_name(tp)} "
+                                 f"({detail})") \
                     from None
 
 
@@ -835,7 +840,8 @@ def _print_plan(sweep_plan: SweepPlan, args: argparse.Namespace) -> None:
           f"swept: {', '.join(s.swept) or 'nothing'}")
     for run in sweep_plan.runs:
         print(f"[{run.index}] {shlex.join(run.command)}")
-    print(f"ok: all {len(sweep_plan.runs)} commands parse and validate with main.py's parser")
+    data_note = " (data aside: see the note)" if any(n.startswith("data not available") for n in sweep_plan.notes) else ""
+    print(f"ok: all {len(sweep_plan.runs)} commands parse and validate with main.py's parser{data_note}")
     for note in sweep_plan.notes:
         print(f"note: {note}")
 

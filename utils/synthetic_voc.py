@@ -58,29 +58,8 @@ FORMAT_VERSION = 2  # 2: texture periods no longer scale with image size
 #: Marker written (last) into a cached dataset root by :func:`ensure_synthetic_voc`.
 MARKER_NAME = ".complete"
 
-VOC_CLASSES: Tuple[str, ...] = (
-    "background",
-    "aeroplane",
-    "bicycle",
-    "bird",
-    "boat",
-    "bottle",
-    "bus",
-    "car",
-    "cat",
-    "chair",
-    "cow",
-    "diningtable",
-    "dog",
-    "horse",
-    "motorbike",
-    "person",
-    "pottedplant",
-    "sheep",
-    "sofa",
-    "train",
-    "tvmonitor",
-)
+# The 21 class names live with the VOC layout reader; re-exported here for the generator's users.
+from datamodules.voc import VOC_CLASSES  # noqa: E402
 
 IGNORE_INDEX = 255
 JPEG_QUALITY = 90

@@ -37,5 +37,6 @@ def build_resnet50(cfg: BackboneConfig, img_size: int) -> ResNetBackbone:
     if cfg.weights:
         # Load after fc is replaced: the backbone has no fc, so a file's fc.* tensors are dropped as a
         # classifier head and a file without them (the official Barlow Twins ResNet-50) has nothing missing.
-        load_into(backbone.model, cfg.weights, strict=cfg.strict_weights)
+        load_into(backbone.model, cfg.weights, strict=cfg.strict_weights,
+                  prefixes=("model.backbone.", "backbone.model."))
     return backbone

@@ -88,7 +88,8 @@ def load_vit_weights(vit: VisionTransformer, path: str, strict: bool) -> None:
             )
         return checkpoint_filter_fn(state, vit)  # resizes pos_embed to this model's grid
 
-    load_into(vit, path, strict=strict, convert=convert)
+    # Our checkpoints: Barlow Twins (backbone.vit.*) and segmentation (model.backbone.vit.*).
+    load_into(vit, path, strict=strict, convert=convert, prefixes=("model.backbone.vit.", "backbone.vit."))
 
 
 def build_vit(cfg: BackboneConfig, img_size: int) -> ViTBackbone:

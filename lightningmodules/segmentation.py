@@ -1,0 +1,160 @@
+"""Semantic segmentation on VOC 2012 with a (frozen) backbone and a light head — how the report
+measures what pretraining learned."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Optional
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from config.hparams import Hparams
+from config.loading import from_dict
+from datamodules.segmentation import IGNORE_INDEX, SegmentationDataModule
+from datamodules.voc import VOC_CLASSES
+from lightningmodules.registry import TASKS, Task
+from models.losses import median_frequency_weights, segmentation_loss
+from models.segmenters import build_segmenter
+from utils.optim import optimizer_from_groups, parameter_groups, rescale_checkpoint_lrs
+from utils.schedule import with_schedule
+from utils.segmentation_metrics import scores_from_confusion
+
+PER_CLASS_FILE = "per_class_iou.csv"
+
+
+def class_names(num_classes: int) -> list[str]:
+    return list(VOC_CLASSES) if num_classes == len(VOC_CLASSES) else [f"class_{i}" for i in range(num_classes)]
+
+
+class SegmentationModule(pl.LightningModule):
+    """Trains the head (and the backbone when not frozen) with cross-entropy/Dice/Focal, label 255 ignored.
+
+    Logs ``{train,val}/loss``, ``/mIoU``, ``/f1`` (macro) and ``/pixel_acc`` per epoch from one confusion
+    matrix per stage; writes the per-class IoU to ``<run>/per_class_iou.csv`` and a wandb table.
+    """
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.save_hyperparameters({"config": config}, logger=False)
+        self.cfg: Hparams = from_dict(config)
+        seg = self.cfg.segmentation
+        self.model = build_segmenter(self.cfg)
+        self.criterion = segmentation_loss(seg.loss, seg.num_classes, IGNORE_INDEX, seg.focal_gamma)
+        self.lr = self.cfg.optim.lr  # head learning rate, read by configure_optimizers (LR finder)
+        self.train_confusion = MulticlassConfusionMatrix(seg.num_classes, ignore_index=IGNORE_INDEX)
+        self.val_confusion = MulticlassConfusionMatrix(seg.num_classes, ignore_index=IGNORE_INDEX)
+        self.register_buffer("first_nonfinite_step", torch.tensor(-1, dtype=torch.long), persistent=False)
+        self.last_val_scores: Optional[dict] = None
+
+    def setup(self, stage: str) -> None:
+        seg = self.cfg.segmentation
+        if seg.class_weighting == "median_frequency" and stage == "fit":
+            weights = median_frequency_weights(self.trainer.datamodule.class_pixel_counts())
+            self.criterion = segmentation_loss(seg.loss, seg.num_classes, IGNORE_INDEX, seg.focal_gamma, weights)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)["out"]
+
+    def loss(self, out: dict[str, Tensor], target: Tensor) -> Tensor:
+        loss = self.criterion(out["out"], target)
+        if "aux" in out:
+            loss = loss + self.cfg.segmentation.aux_weight * self.criterion(out["aux"], target)
+        return loss
+
+    # ------------------------------------------------------------------------------------ training
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        images, masks = batch
+        out = self.model(images)
+        loss = self.loss(out, masks)
+        self.train_confusion.update(out["out"].detach().argmax(1), masks)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
+        bad = ~torch.isfinite(loss.detach())
+        first = self.first_nonfinite_step
+        self.first_nonfinite_step = torch.where(bad & (first < 0), torch.full_like(first, self.global_step), first)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self._log_scores("train", self.train_confusion)
+
+    # ---------------------------------------------------------------------------------- validation
+    def validation_step(self, batch, batch_idx: int) -> Tensor:
+        images, masks = batch
+        out = self.model(images)
+        if isinstance(masks, list):  # eval_mode=full: logits back to each image's own resolution
+            losses = []
+            for logits, mask in zip(out["out"], masks):
+                logits = F.interpolate(logits[None], size=mask.shape[-2:], mode="bilinear", align_corners=False)
+                losses.append(self.criterion(logits, mask[None]))
+                self.val_confusion.update(logits.argmax(1), mask[None])
+            loss = torch.stack(losses).mean()
+        else:
+            loss = self.criterion(out["out"], masks)
+            self.val_confusion.update(out["out"].argmax(1), masks)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        scores = self._log_scores("val", self.val_confusion)
+        self.last_val_scores = scores
+        every = self.cfg.segmentation.log_per_class_every_n_epochs
+        if not self.trainer.sanity_checking and self.current_epoch % every == 0:
+            self._write_per_class(scores["per_class_iou"])
+
+    def _log_scores(self, stage: str, confusion: MulticlassConfusionMatrix) -> dict:
+        scores = scores_from_confusion(confusion.compute())
+        confusion.reset()
+        self.log_dict({f"{stage}/{k}": scores[k].float() for k in ("mIoU", "mIoU_fg", "f1", "pixel_acc")})
+        return scores
+
+    def _write_per_class(self, iou: Tensor) -> None:
+        if self.trainer.global_rank != 0:
+            return
+        names = class_names(self.cfg.segmentation.num_classes)
+        values = [float(v) for v in iou.cpu()]
+        path = Path(self.trainer.default_root_dir) / PER_CLASS_FILE
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(["epoch", "step", *names])
+            writer.writerow([self.current_epoch, self.global_step, *("" if v != v else f"{v:.6f}" for v in values)])
+        from pytorch_lightning.loggers import WandbLogger
+
+        rows = [[name, None if v != v else v] for name, v in zip(names, values)]
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table(key="val/per_class_iou", columns=["class", "IoU"], data=rows, step=self.global_step)
+
+    # -------------------------------------------------------------------------------- optimisation
+    def param_groups(self) -> list[dict]:
+        groups = [g for m in self.model.head_modules() for g in parameter_groups(m, self.cfg.optim, self.lr)]
+        if not self.cfg.segmentation.freeze_backbone:
+            groups += parameter_groups(self.model.backbone, self.cfg.optim, self.cfg.segmentation.backbone_lr)
+        return groups
+
+    def configure_optimizers(self):
+        return with_schedule(self.trainer, optimizer_from_groups(self.param_groups(), self.cfg.optim, self.lr),
+                             self.cfg.optim)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rescale_checkpoint_lrs(checkpoint, [g["lr"] for g in self.param_groups()])
+
+
+def _metric_names() -> tuple[str, ...]:
+    per_epoch = [f"{stage}/{m}" for stage in ("train", "val") for m in ("mIoU", "mIoU_fg", "f1", "pixel_acc")]
+    return tuple(["train/loss_step", "train/loss_epoch", "val/loss"] + per_epoch)
+
+
+TASKS.register("segmentation")(
+    Task(
+        module=SegmentationModule,
+        datamodule=lambda cfg: SegmentationDataModule(cfg.data, cfg.segmentation, cfg.seed),
+        monitor="val/mIoU",
+        mode="max",
+        metrics=_metric_names(),
+    )
+)

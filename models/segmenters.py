@@ -1,0 +1,166 @@
+"""Segmentation models: a backbone + a head, returning logits at the input resolution.
+
+* ViT backbones feed the patch-token grids of chosen blocks (CLS dropped) to a head from
+  ``models.heads.HEADS`` (linear, setr_naive, setr_pup, setr_mla).
+* ResNet-50 is used inside torchvision's DeepLabV3 (dilated, output stride 8), as in the report's Table 1.
+
+A frozen backbone runs in eval mode under ``torch.no_grad()``: no graph, no gradients, no BatchNorm
+statistics updates; only the head trains.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+from config.hparams import Hparams
+from models.backbones import build_backbone, is_vit
+from models.backbones.vit import ViTBackbone
+from models.heads import HEADS, head_levels
+from models.weights import load_into
+
+log = logging.getLogger(__name__)
+
+DEEPLAB_HEAD = "deeplabv3"
+
+
+class Segmenter(nn.Module):
+    """Common behaviour: freezing, and the split into backbone and head parameters."""
+
+    backbone: nn.Module
+
+    def __init__(self, freeze_backbone: bool):
+        super().__init__()
+        self.freeze_backbone = freeze_backbone
+
+    def freeze(self) -> None:
+        if self.freeze_backbone:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+
+    def train(self, mode: bool = True) -> "Segmenter":
+        super().train(mode)
+        if self.freeze_backbone:  # a frozen backbone stays in eval mode whatever Lightning asks
+            self.backbone.eval()
+        return self
+
+    def head_modules(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def _features_context(self):
+        return torch.no_grad() if self.freeze_backbone else torch.enable_grad()
+
+
+class ViTSegmenter(Segmenter):
+    def __init__(self, backbone: ViTBackbone, head: nn.Module, levels: list[int], freeze_backbone: bool = True):
+        super().__init__(freeze_backbone)
+        self.backbone, self.head, self.levels = backbone, head, levels
+        self.freeze()
+
+    def features(self, x: Tensor) -> list[Tensor]:
+        """Patch-token grids (B, D, H/p, W/p) of the chosen blocks, after the final norm."""
+        with self._features_context():
+            return self.backbone.vit.forward_intermediates(
+                x, indices=self.levels, norm=True, stop_early=True, output_fmt="NCHW", intermediates_only=True
+            )
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        logits = self.head(self.features(x))
+        if logits.shape[-2:] != x.shape[-2:]:
+            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return {"out": logits}
+
+    def head_modules(self) -> list[nn.Module]:
+        return [self.head]
+
+
+class DeepLabV3Segmenter(Segmenter):
+    """torchvision's DeepLabV3-ResNet-50; module names match torchvision's files (backbone., classifier.,
+    aux_classifier.) so its COCO weights and our ResNet-50 checkpoints load directly."""
+
+    def __init__(self, model: torchvision.models.segmentation.DeepLabV3, freeze_backbone: bool = True):
+        super().__init__(freeze_backbone)
+        self.backbone = model.backbone
+        self.classifier = model.classifier
+        self.aux_classifier = model.aux_classifier
+        self.freeze()
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        size = x.shape[-2:]
+        if x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._features_context():
+            features = self.backbone(x)
+        out = {"out": F.interpolate(self.classifier(features["out"]), size=size, mode="bilinear", align_corners=False)}
+        if self.aux_classifier is not None:
+            out["aux"] = F.interpolate(self.aux_classifier(features["aux"]), size=size, mode="bilinear",
+                                       align_corners=False)
+        return out
+
+    def head_modules(self) -> list[nn.Module]:
+        return [m for m in (self.classifier, self.aux_classifier) if m is not None]
+
+
+def head_fits_backbone(head: str, backbone: str) -> Optional[str]:
+    """Why ``head`` cannot sit on ``backbone`` (None when it can)."""
+    if head == DEEPLAB_HEAD and is_vit(backbone):
+        return f"--segmentation.head={head} needs --backbone.name=resnet50 (DeepLabV3-ResNet-50); for ViTs use " \
+               f"{', '.join(HEADS.names())}"
+    if head != DEEPLAB_HEAD and not is_vit(backbone):
+        return f"--segmentation.head={head} needs a ViT backbone (it reads patch tokens); for {backbone} use {DEEPLAB_HEAD}"
+    return None
+
+
+def segmentation_head_names() -> list[str]:
+    return HEADS.names() + [DEEPLAB_HEAD]
+
+
+def build_deeplabv3(cfg: Hparams) -> DeepLabV3Segmenter:
+    from torchvision.models import ResNet50_Weights
+    from torchvision.models.segmentation import DeepLabV3_ResNet50_Weights, deeplabv3_resnet50
+
+    seg = cfg.segmentation
+    if seg.pretrained_head:  # the whole COCO-trained model (its 21 classes are VOC's)
+        model = deeplabv3_resnet50(weights=DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1, aux_loss=True)
+        if not seg.aux_loss:
+            model.aux_classifier = None
+    else:
+        backbone_weights = ResNet50_Weights.IMAGENET1K_V1 if cfg.backbone.pretrained else None
+        model = deeplabv3_resnet50(weights=None, weights_backbone=backbone_weights,
+                                   num_classes=seg.num_classes, aux_loss=seg.aux_loss)
+    if seg.pretrained_head and cfg.backbone.pretrained:  # Table 1: COCO head, ImageNet-supervised backbone
+        imagenet = torchvision.models.resnet50(weights=ResNet50_Weights.IMAGENET1K_V1).state_dict()
+        model.backbone.load_state_dict({k: v for k, v in imagenet.items() if not k.startswith("fc.")})
+    if seg.head_weights:
+        heads = nn.ModuleDict({"classifier": model.classifier})
+        if model.aux_classifier is not None:
+            heads["aux_classifier"] = model.aux_classifier
+        load_into(heads, seg.head_weights, strict=cfg.backbone.strict_weights, prefixes=("model.", ""),
+                  select=lambda key: key.startswith(("classifier.", "aux_classifier.")))
+    if cfg.backbone.weights:
+        load_into(model.backbone, cfg.backbone.weights, strict=cfg.backbone.strict_weights,
+                  prefixes=("model.backbone.", "backbone.model.", "backbone."))
+    return DeepLabV3Segmenter(model, seg.freeze_backbone)
+
+
+def build_vit_segmenter(cfg: Hparams) -> ViTSegmenter:
+    seg = cfg.segmentation
+    backbone = build_backbone(cfg.backbone, cfg.data.img_size)
+    levels = head_levels(seg.head, len(backbone.vit.blocks), seg)
+    head = HEADS.get(seg.head)(backbone.num_features, seg.num_classes, backbone.patch_size, seg, num_levels=len(levels))
+    if seg.head_weights:
+        load_into(head, seg.head_weights, strict=cfg.backbone.strict_weights, prefixes=("model.head.", "head."))
+    return ViTSegmenter(backbone, head, levels, seg.freeze_backbone)
+
+
+def build_segmenter(cfg: Hparams) -> Segmenter:
+    problem = head_fits_backbone(cfg.segmentation.head, cfg.backbone.name)
+    if problem:
+        raise ValueError(problem)
+    if cfg.segmentation.head == DEEPLAB_HEAD:
+        return build_deeplabv3(cfg)
+    return build_vit_segmenter(cfg)

@@ -1,0 +1,458 @@
+"""One table and one plot for a folder of runs (e.g. a sweep): a metric against the swept parameters.
+
+    python -m utils.summarize runs/ [--metric val/loss] [--goal min] [--params backbone.depth,barlow.proj_dim]
+                                    [--out DIR] [--plot final|best]
+
+Every run directory under the folder (one holding ``config.yaml`` and ``metrics.csv``, see
+utils/run_dir.py; nested folders are searched, a run directory's own subfolders are not) gives one row:
+the run, its swept parameters, the metric's final value (the last non-empty cell of its metrics.csv
+column), its best value (min or max per ``--goal``) and the step it was reached at, and the number of
+steps and epochs logged. The swept parameters are by default the config fields whose values differ
+between the runs (bookkeeping fields such as ``log.run_name`` excluded), in config order.
+
+Writes, into ``--out`` (default: the runs folder):
+
+- ``summary.md``: the table, the best run, and for two parameters a grid (first parameter × second);
+- ``summary.csv``: the same rows, values at full precision;
+- ``summary.png``: the metric against the parameters — a line per value of the second parameter when
+  there are two (and a heatmap of the grid beside it), a line (numeric values) or bars otherwise.
+
+Errors (exit status 2): no run directories, a metric that no run logged (the logged ones are listed), a
+``--params`` name that is not a config field (the closest ones are suggested).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.csv"
+BOOKKEEPING = ("log.run_name", "log.output_dir", "trainer.resume")
+"""Config fields that differ between runs without being hyperparameters."""
+INDEX_COLUMNS = ("step", "epoch")
+
+
+class SummaryError(ValueError):
+    """Nothing to summarise, or a metric / parameter name that does not exist; the message says which."""
+
+
+@dataclass
+class RunRecord:
+    name: str
+    """The run directory relative to the summarised folder (its run name for a flat folder)."""
+    path: Path
+    config: dict[str, Any]
+    """The run's config.yaml flattened to dotted names."""
+    columns: list[str]
+    rows: list[dict[str, str]]
+
+    def series(self, metric: str) -> list[tuple[Optional[int], float]]:
+        """(step, value) of every row where ``metric`` has a value, in file order."""
+        out = []
+        for row in self.rows:
+            cell = row.get(metric)
+            if cell not in (None, ""):
+                out.append((_int(row.get("step")), float(cell)))
+        return out
+
+    def max_index(self, column: str) -> Optional[int]:
+        values = [v for v in (_int(r.get(column)) for r in self.rows) if v is not None]
+        return max(values) if values else None
+
+
+@dataclass
+class Row:
+    run: RunRecord
+    params: dict[str, Any]
+    final: Optional[float]
+    best: Optional[float]
+    best_step: Optional[int]
+    final_step: Optional[int]
+    steps: Optional[int]
+    epochs: Optional[int]
+
+
+@dataclass
+class Summary:
+    metric: str
+    goal: str
+    params: list[str]
+    rows: list[Row]
+    root: Path
+    files: dict[str, Path] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def best_row(self) -> Optional[Row]:
+        scored = [r for r in self.rows if r.final is not None and math.isfinite(r.final)]
+        if not scored:
+            return None
+        return (min if self.goal == "min" else max)(scored, key=lambda r: r.final)
+
+
+def _int(cell: Any) -> Optional[int]:
+    if cell in (None, ""):
+        return None
+    try:
+        return int(float(cell))
+    except ValueError:
+        return None
+
+
+def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    """Directories holding config.yaml and metrics.csv, under ``root`` (not inside another run directory)."""
+    found: list[Path] = []
+
+    def walk(folder: Path) -> None:
+        if (folder / CONFIG_FILE).is_file() and (folder / METRICS_FILE).is_file():
+            found.append(folder)
+            return
+        for child in sorted(folder.iterdir()):
+            if child.is_dir() and not child.name.startswith(".") and not child.is_symlink():
+                walk(child)
+
+    walk(root)
+    return found
+
+
+def read_run(path: Path, root: Path) -> RunRecord:
+    config = yaml.safe_load((path / CONFIG_FILE).read_text()) or {}
+    with (path / METRICS_FILE).open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        columns = list(reader.fieldnames or [])
+    name = path.relative_to(root).as_posix() if path != root else path.name
+    return RunRecord(name, path, flatten(config) if isinstance(config, dict) else {}, columns, rows)
+
+
+def _sort_key(value: Any) -> tuple:
+    if isinstance(value, bool) or value is None:
+        return (1, str(value))
+    if isinstance(value, (int, float)):
+        return (0, value)
+    return (1, str(value))
+
+
+def differing_fields(runs: Sequence[RunRecord]) -> list[str]:
+    from utils.sweep import config_fields
+
+    names = [n for n in config_fields() if n not in BOOKKEEPING]
+    extra = sorted({k for r in runs for k in r.config} - set(names) - set(BOOKKEEPING))  # fields of older configs
+    missing = object()
+    return [n for n in names + extra if len({repr(r.config.get(n, missing)) for r in runs}) > 1]
+
+
+def check_params(params: Sequence[str]) -> None:
+    from utils.sweep import config_fields, unknown_name_message
+
+    valid = list(config_fields())
+    bad = [p for p in params if p not in valid]
+    if bad:
+        raise SummaryError("--params: " + "; ".join(unknown_name_message(p, valid) for p in bad))
+
+
+def _goal(goal: str) -> str:
+    aliases = {"min": "min", "minimize": "min", "max": "max", "maximize": "max"}
+    if goal not in aliases:
+        raise SummaryError(f"--goal must be min or max, got {goal!r}")
+    return aliases[goal]
+
+
+def summarize(root: str | Path, metric: str = "val/loss", params: Optional[Sequence[str]] = None,
+              goal: str = "min", out: Optional[str | Path] = None, plot: str = "final") -> Summary:
+    """Read the runs under ``root`` and write summary.md, summary.csv and summary.png into ``out``."""
+    root = Path(root)
+    goal = _goal(goal)
+    if plot not in ("final", "best"):
+        raise SummaryError(f"--plot must be final or best, got {plot!r}")
+    if not root.is_dir():
+        raise SummaryError(f"{root}: no such folder")
+    if params is not None:
+        check_params(params)
+    runs = [read_run(p, root) for p in find_run_dirs(root)]
+    if not runs:
+        raise SummaryError(f"{root}: no run directories (folders holding {CONFIG_FILE} and {METRICS_FILE}) under it")
+    logged = sorted({c for r in runs for c in r.columns if c not in INDEX_COLUMNS and r.series(c)})
+    if not any(r.series(metric) for r in runs):
+        import difflib
+
+        close = difflib.get_close_matches(metric, logged, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise SummaryError(f"--metric {metric!r} was not logged by any of the {len(runs)} runs under {root}{hint}; "
+                           f"logged metrics: {', '.join(logged) or 'none'}")
+    names = list(params) if params is not None else differing_fields(runs)
+    summary = Summary(metric, goal, names, [], root)
+    pick = min if goal == "min" else max
+    for run in runs:
+        series = run.series(metric)
+        finite = [(s, v) for s, v in series if math.isfinite(v)]
+        best = pick(finite, key=lambda sv: sv[1]) if finite else None
+        if not series:
+            summary.warnings.append(f"{run.name} logged no {metric}")
+        steps, epochs = run.max_index("step"), run.max_index("epoch")
+        summary.rows.append(Row(
+            run=run, params={n: run.config.get(n) for n in names},
+            final=series[-1][1] if series else None, final_step=series[-1][0] if series else None,
+            best=best[1] if best else None, best_step=best[0] if best else None,
+            steps=None if steps is None else steps + 1, epochs=None if epochs is None else epochs + 1,
+        ))
+    summary.rows.sort(key=lambda r: (*(_sort_key(r.params[n]) for n in names), r.run.name))
+    out_dir = Path(out) if out is not None else root
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary.files = {"md": out_dir / "summary.md", "csv": out_dir / "summary.csv", "png": out_dir / "summary.png"}
+    write_csv(summary, summary.files["csv"])
+    write_markdown(summary, summary.files["md"])
+    write_plot(summary, summary.files["png"], value=plot)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------- writers
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.5g}"
+    return str(value)
+
+
+def write_csv(summary: Summary, path: Path) -> None:
+    header = ["run", *summary.params, "final", "best", "best_step", "final_step", "steps", "epochs", "metric",
+              "goal", "run_dir"]
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for r in summary.rows:
+            writer.writerow([r.run.name, *(r.params[n] for n in summary.params),
+                             "" if r.final is None else repr(r.final), "" if r.best is None else repr(r.best),
+                             _fmt(r.best_step), _fmt(r.final_step), _fmt(r.steps), _fmt(r.epochs),
+                             summary.metric, summary.goal, str(r.run.path)])
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Sequence[str]) -> list[str]:
+    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(esc(h) for h in header) + " |",
+             "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _is_numeric(values: Sequence[Any]) -> bool:
+    return bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def _cell_means(summary: Summary, value: str = "final") -> dict[tuple, list[float]]:
+    cells: dict[tuple, list[float]] = {}
+    for r in summary.rows:
+        v = getattr(r, value)
+        if v is not None and math.isfinite(v):
+            cells.setdefault(tuple(r.params[n] for n in summary.params), []).append(v)
+    return cells
+
+
+def write_markdown(summary: Summary, path: Path) -> None:
+    m, goal = summary.metric, summary.goal
+    lines = [f"# {m} over {len(summary.rows)} runs", "",
+             f"Runs under `{summary.root}`; final = last logged value, best = {goal} over the run "
+             f"(at that step); swept: {', '.join(f'`{p}`' for p in summary.params) or 'nothing (all configs equal)'}.", ""]
+    header = ["run", *summary.params, f"final {m}", f"best {m}", "best at step", "steps", "epochs"]
+    best = summary.best_row
+    rows = []
+    for r in summary.rows:
+        name = f"**{r.run.name}**" if r is best else r.run.name
+        rows.append([name, *(_fmt(r.params[n]) for n in summary.params), _fmt(r.final), _fmt(r.best),
+                     _fmt(r.best_step), _fmt(r.steps), _fmt(r.epochs)])
+    lines += _md_table(header, rows, ["l"] * (1 + len(summary.params)) + ["r"] * 5)
+    if best is not None:
+        setting = ", ".join(f"{n}={_fmt(best.params[n])}" for n in summary.params)
+        lines += ["", f"Best final {m} ({goal}): **{_fmt(best.final)}** — {best.run.name}"
+                  + (f" ({setting})" if setting else "")]
+    if len(summary.params) == 2:
+        a, b = summary.params
+        cells = _cell_means(summary)
+        avals = sorted({r.params[a] for r in summary.rows}, key=_sort_key)
+        bvals = sorted({r.params[b] for r in summary.rows}, key=_sort_key)
+        grid_rows = []
+        for av in avals:
+            row = [f"{a}={_fmt(av)}"]
+            for bv in bvals:
+                vs = cells.get((av, bv), [])
+                row.append("" if not vs else _fmt(statistics.fmean(vs)) + (f" (mean of {len(vs)})" if len(vs) > 1 else ""))
+            grid_rows.append(row)
+        lines += ["", f"Final {m}, {a} (rows) × {b} (columns):", ""]
+        lines += _md_table(["", *(f"{b}={_fmt(v)}" for v in bvals)], grid_rows, ["l"] + ["r"] * len(bvals))
+    for w in summary.warnings:
+        lines += ["", f"Note: {w}."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(summary: Summary, path: Path, value: str = "final") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m, params = summary.metric, summary.params
+    label = f"{value} {m}"
+    arrow = "lower is better" if summary.goal == "min" else "higher is better"
+    rows = [r for r in summary.rows if getattr(r, value) is not None and math.isfinite(getattr(r, value))]
+    two_d = len(params) == 2
+    fig, axes = plt.subplots(1, 2 if two_d else 1, figsize=(12 if two_d else 7, 4.8), squeeze=False)
+    ax = axes[0][0]
+    if not params:  # nothing swept: one bar per run
+        names = [r.run.name for r in rows]
+        ax.bar(range(len(rows)), [getattr(r, value) for r in rows], color="tab:blue")
+        ax.set_xticks(range(len(rows)), names, rotation=30, ha="right")
+        ax.set_xlabel("run")
+        _label_bars(ax, [getattr(r, value) for r in rows])
+    else:
+        x_name, groups = params[0], params[1:]
+        xs = [r.params[x_name] for r in rows]
+        numeric = _is_numeric(xs)
+        categories = sorted(set(xs), key=_sort_key)
+        series: dict[tuple, list[Row]] = {}
+        for r in rows:
+            series.setdefault(tuple(r.params[g] for g in groups), []).append(r)
+        for key in sorted(series, key=lambda k: tuple(_sort_key(v) for v in k)):
+            members = series[key]
+            name = ", ".join(f"{g}={_fmt(v)}" for g, v in zip(groups, key)) or None
+            if not numeric and not groups:  # one categorical parameter: bars
+                means = [statistics.fmean(getattr(r, value) for r in members if r.params[x_name] == c)
+                         for c in categories]
+                ax.bar(range(len(categories)), means, color="tab:blue")
+                ax.set_xticks(range(len(categories)), [_fmt(c) for c in categories])
+                _label_bars(ax, means)
+                continue
+            pos = (lambda v: v) if numeric else (lambda v: categories.index(v))
+            by_x: dict[Any, list[float]] = {}
+            for r in members:
+                by_x.setdefault(r.params[x_name], []).append(getattr(r, value))
+            line_x = sorted(by_x, key=_sort_key)
+            line_y = [statistics.fmean(by_x[v]) for v in line_x]
+            (line,) = ax.plot([pos(v) for v in line_x], line_y, marker="o", label=name)
+            if any(len(v) > 1 for v in by_x.values()):  # repeated settings (seeds): every run as a dot
+                ax.scatter([pos(r.params[x_name]) for r in members], [getattr(r, value) for r in members],
+                           s=12, alpha=0.5, color=line.get_color())
+            if len(series) == 1:
+                for xv, yv in zip(line_x, line_y):
+                    ax.annotate(_fmt(yv), (pos(xv), yv), textcoords="offset points", xytext=(0, 6),
+                                ha="center", fontsize=8)
+        if numeric:
+            positive = [v for v in categories if v > 0]
+            if len(positive) == len(categories) and max(categories) / min(categories) >= 100:
+                ax.set_xscale("log")
+            elif len(categories) <= 12:
+                ax.set_xticks(categories, [_fmt(c) for c in categories])
+        elif groups:
+            ax.set_xticks(range(len(categories)), [_fmt(c) for c in categories])
+        ax.set_xlabel(x_name)
+        if groups:
+            ax.legend(fontsize=8, title=None)
+    ax.set_ylabel(label)
+    ax.margins(x=0.08, y=0.12)
+    ax.grid(alpha=0.3)
+    swept = " and ".join(params) if params else "run"
+    ax.set_title(f"{label} vs {swept} ({len(rows)} runs; {arrow})", fontsize=10)
+    if two_d:
+        _heatmap(axes[0][1], summary, value)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _label_bars(ax: Any, values: Sequence[float]) -> None:
+    for i, v in enumerate(values):
+        ax.annotate(_fmt(v), (i, v), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+
+
+def _heatmap(ax: Any, summary: Summary, value: str) -> None:
+    import numpy as np
+
+    a, b = summary.params
+    avals = sorted({r.params[a] for r in summary.rows}, key=_sort_key)
+    bvals = sorted({r.params[b] for r in summary.rows}, key=_sort_key)
+    cells = _cell_means(summary, value)
+    grid = np.full((len(avals), len(bvals)), np.nan)
+    for i, av in enumerate(avals):
+        for j, bv in enumerate(bvals):
+            if (av, bv) in cells:
+                grid[i, j] = statistics.fmean(cells[(av, bv)])
+    cmap = "viridis_r" if summary.goal == "min" else "viridis"  # bright = better either way
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, aspect="auto")
+    ax.set_xticks(range(len(bvals)), [_fmt(v) for v in bvals])
+    ax.set_yticks(range(len(avals)), [_fmt(v) for v in avals])
+    ax.set_xlabel(b)
+    ax.set_ylabel(a)
+    finite = grid[np.isfinite(grid)]
+    mid = (finite.min() + finite.max()) / 2 if finite.size else 0
+    for i in range(len(avals)):
+        for j in range(len(bvals)):
+            if np.isfinite(grid[i, j]):
+                dark = grid[i, j] > mid if summary.goal == "min" else grid[i, j] < mid
+                ax.text(j, i, _fmt(float(grid[i, j])), ha="center", va="center", fontsize=8,
+                        color="white" if dark else "black")
+            else:
+                ax.text(j, i, "—", ha="center", va="center", fontsize=8, color="grey")
+    ax.figure.colorbar(image, ax=ax, label=f"{value} {summary.metric}")
+    ax.set_title(f"{value} {summary.metric}: {a} × {b}", fontsize=10)
+
+
+# --------------------------------------------------------------------------------------------- command line
+
+
+class _ArgParser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        raise SummaryError(f"{message} (see python -m utils.summarize --help)")
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = _ArgParser(prog="python -m utils.summarize", description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", help="folder holding run directories (e.g. runs/ or the --log.output_dir of a sweep)")
+    p.add_argument("--metric", default="val/loss", help="metrics.csv column to summarise (default: val/loss)")
+    p.add_argument("--goal", default="min", help="min or max: which value is best (default: min)")
+    p.add_argument("--params", default=None,
+                   help="comma-separated config fields to tabulate and plot against, e.g. "
+                        "backbone.depth,barlow.proj_dim (default: the fields that differ between runs)")
+    p.add_argument("--out", default=None, help="where to write summary.md/.csv/.png (default: the runs folder)")
+    p.add_argument("--plot", default="final", choices=("final", "best"), help="value plotted (default: final)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        args = build_arg_parser().parse_args(argv)
+        params = None if args.params is None else [p.strip() for p in args.params.split(",") if p.strip()]
+        summary = summarize(args.runs, metric=args.metric, params=params, goal=args.goal, out=args.out,
+                            plot=args.plot)
+    except SummaryError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for w in summary.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(summary.files["md"].read_text(), end="")
+    print(f"\nwrote {summary.files['md']}, {summary.files['csv']}, {summary.files['png']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
