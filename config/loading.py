@@ -111,6 +111,7 @@ def build_parser(default: Optional[Hparams] = None) -> ArgumentParser:
         argument_generation_mode=ArgumentGenerationMode.NESTED,
         nested_mode=NestedMode.WITHOUT_ROOT,
         add_help=True,
+        allow_abbrev=False,  # a misspelt flag must be an error, not a silent prefix match
     )
     parser.add_argument(
         "--config",

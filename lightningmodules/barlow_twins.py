@@ -65,6 +65,8 @@ class BarlowTwinsModule(pl.LightningModule):
             on_step=stage == "train", on_epoch=True, batch_size=x1.shape[0],
         )
         self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=x1.shape[0])
+        # The loss sums D diagonal and D² − D off-diagonal terms: per dimension it compares across proj_dim.
+        self.log(f"{stage}/loss_per_dim", loss.detach() / c.shape[0], on_step=False, on_epoch=True, batch_size=x1.shape[0])
         return loss, c.detach()
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
@@ -103,7 +105,8 @@ TASKS.register("barlow_twins")(
         mode="min",
         metrics=tuple(
             [f"train/{m}_{when}" for m in ("loss", "on_diag", "off_diag") for when in ("step", "epoch")]
-            + [f"val/{m}" for m in ("loss", "on_diag", "off_diag")]
+            + [f"val/{m}" for m in ("loss", "on_diag", "off_diag", "loss_per_dim")]
+            + ["train/loss_per_dim"]
         ),
     )
 )

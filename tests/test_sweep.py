@@ -69,7 +69,7 @@ def test_sweep_files_dry_run_without_data_only_notes_it(path, capsys):
 def test_depth_x_projdim_is_the_12_run_grid():
     plan = sweep.plan(REPO / "sweeps" / "depth_x_projdim.yaml", overrides=OFFLINE)
     assert plan.sweep.method == "grid" and len(plan.runs) == 12
-    assert plan.sweep.metric == {"name": "val/loss", "goal": "minimize"}
+    assert plan.sweep.metric == {"name": "val/loss_per_dim", "goal": "minimize"}
     got = [(r.config.backbone.depth, r.config.barlow.proj_dim) for r in plan.runs]
     # wandb's grid order: parameters sorted by name, the first one varying slowest
     assert got == list(itertools.product([4, 6, 8, 12], [512, 1024, 2048]))

@@ -94,7 +94,10 @@ def effective_wandb_mode(cfg: Hparams) -> str:
 
 def build_wandb_logger(cfg: Hparams, run_dir: Path, mode: str) -> WandbLogger:
     id_file = run_dir / "wandb_id.txt"
-    if id_file.is_file():  # resumed run: continue the same wandb run
+    if os.environ.get("WANDB_RUN_ID"):  # under a wandb sweep agent: the agent's id is the one wandb uses
+        run_id = os.environ["WANDB_RUN_ID"]
+        id_file.write_text(run_id + "\n")
+    elif id_file.is_file():  # resumed run: continue the same wandb run
         run_id = id_file.read_text().strip()
     else:
         alphabet = string.ascii_lowercase + string.digits

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import os
 import subprocess
 from pathlib import Path
 from typing import Optional
@@ -25,8 +26,11 @@ LAST_CHECKPOINT = "last.ckpt"
 
 
 def default_run_name(cfg: Hparams) -> str:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     backbone = cfg.backbone.name.replace("/", "-")
+    if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
+        # Several agents may start in the same second: the agent's run id keeps their directories apart.
+        return f"{cfg.task}-{backbone}-sweep-{os.environ['WANDB_SWEEP_ID']}-{os.environ['WANDB_RUN_ID']}"
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")[:-3]
     return f"{cfg.task}-{backbone}-{stamp}"
 
 

@@ -36,8 +36,9 @@ import yaml
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
-BOOKKEEPING = ("log.run_name", "log.output_dir", "trainer.resume")
-"""Config fields that differ between runs without being hyperparameters."""
+BOOKKEEPING = ("log.", "trainer.resume", "trainer.progress_bar", "trainer.progress_refresh_rate")
+"""Config fields (or groups, ending in '.') that differ between runs without changing what is learned: names,
+folders, wandb settings, progress bars. ``--params`` can still name them."""
 INDEX_COLUMNS = ("step", "epoch")
 
 
@@ -51,7 +52,7 @@ class RunRecord:
     """The run directory relative to the summarised folder (its run name for a flat folder)."""
     path: Path
     config: dict[str, Any]
-    """The run's config.yaml flattened to dotted names."""
+    """The run's config.yaml flattened to dotted names (fields it lacks: their defaults)."""
     columns: list[str]
     rows: list[dict[str, str]]
 
@@ -141,7 +142,17 @@ def read_run(path: Path, root: Path) -> RunRecord:
         rows = list(reader)
         columns = list(reader.fieldnames or [])
     name = path.relative_to(root).as_posix() if path != root else path.name
-    return RunRecord(name, path, flatten(config) if isinstance(config, dict) else {}, columns, rows)
+    # A field missing from an older run's config.yaml is read as its default, so that runs made before a
+    # field existed do not all "differ" in it.
+    return RunRecord(name, path, {**_default_config(), **(flatten(config) if isinstance(config, dict) else {})},
+                     columns, rows)
+
+
+def _default_config() -> dict[str, Any]:
+    from config.hparams import Hparams
+    from config.loading import to_dict
+
+    return flatten(to_dict(Hparams()))
 
 
 def _sort_key(value: Any) -> tuple:
@@ -155,8 +166,11 @@ def _sort_key(value: Any) -> tuple:
 def differing_fields(runs: Sequence[RunRecord]) -> list[str]:
     from utils.sweep import config_fields
 
-    names = [n for n in config_fields() if n not in BOOKKEEPING]
-    extra = sorted({k for r in runs for k in r.config} - set(names) - set(BOOKKEEPING))  # fields of older configs
+    def bookkeeping(name: str) -> bool:
+        return any(name == b or (b.endswith(".") and name.startswith(b)) for b in BOOKKEEPING)
+
+    names = [n for n in config_fields() if not bookkeeping(n)]
+    extra = sorted({k for r in runs for k in r.config if k not in names and not bookkeeping(k)})  # removed fields
     missing = object()
     return [n for n in names + extra if len({repr(r.config.get(n, missing)) for r in runs}) > 1]
 
@@ -201,6 +215,9 @@ def summarize(root: str | Path, metric: str = "val/loss", params: Optional[Seque
                            f"logged metrics: {', '.join(logged) or 'none'}")
     names = list(params) if params is not None else differing_fields(runs)
     summary = Summary(metric, goal, names, [], root)
+    if params is None and len(names) > 4:
+        summary.warnings.append(f"{len(names)} config fields differ between the runs ({', '.join(names[:6])}"
+                                f"{', ...' if len(names) > 6 else ''}); --params picks the ones that were swept")
     pick = min if goal == "min" else max
     for run in runs:
         series = run.series(metric)
@@ -284,7 +301,8 @@ def write_markdown(summary: Summary, path: Path) -> None:
                      _fmt(r.best_step), _fmt(r.steps), _fmt(r.epochs)])
     lines += _md_table(header, rows, ["l"] * (1 + len(summary.params)) + ["r"] * 5)
     if best is not None:
-        setting = ", ".join(f"{n}={_fmt(best.params[n])}" for n in summary.params)
+        setting = ", ".join(f"{n}={_fmt(best.params[n])}" for n in summary.params[:4])
+        setting += ", ..." if len(summary.params) > 4 else ""
         lines += ["", f"Best final {m} ({goal}): **{_fmt(best.final)}** — {best.run.name}"
                   + (f" ({setting})" if setting else "")]
     if len(summary.params) == 2:
@@ -317,12 +335,13 @@ def write_plot(summary: Summary, path: Path, value: str = "final") -> None:
     arrow = "lower is better" if summary.goal == "min" else "higher is better"
     rows = [r for r in summary.rows if getattr(r, value) is not None and math.isfinite(getattr(r, value))]
     two_d = len(params) == 2
-    fig, axes = plt.subplots(1, 2 if two_d else 1, figsize=(12 if two_d else 7, 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if two_d else 1, figsize=(12 if two_d else 7, 4.8), squeeze=False,
+                             layout="constrained")
     ax = axes[0][0]
-    if not params:  # nothing swept: one bar per run
+    if not params or len(params) > 2:  # nothing swept, or too many axes: one bar per run
         names = [r.run.name for r in rows]
         ax.bar(range(len(rows)), [getattr(r, value) for r in rows], color="tab:blue")
-        ax.set_xticks(range(len(rows)), names, rotation=30, ha="right")
+        ax.set_xticks(range(len(rows)), names, rotation=30 if len(rows) > 3 else 0, ha="right" if len(rows) > 3 else "center")
         ax.set_xlabel("run")
         _label_bars(ax, [getattr(r, value) for r in rows])
     else:
@@ -367,16 +386,20 @@ def write_plot(summary: Summary, path: Path, value: str = "final") -> None:
             ax.set_xticks(range(len(categories)), [_fmt(c) for c in categories])
         ax.set_xlabel(x_name)
         if groups:
-            ax.legend(fontsize=8, title=None)
+            ax.legend(fontsize=8)
     ax.set_ylabel(label)
     ax.margins(x=0.08, y=0.12)
     ax.grid(alpha=0.3)
-    swept = " and ".join(params) if params else "run"
+    swept = " and ".join(params) if 0 < len(params) <= 2 else "run"
     ax.set_title(f"{label} vs {swept} ({len(rows)} runs; {arrow})", fontsize=10)
+    if len(params) > 2:
+        ax.text(0.5, -0.32 if len(rows) > 3 else -0.18, f"{len(params)} parameters: "
+                f"{', '.join(params[:4])}{', ...' if len(params) > 4 else ''} (--params with one or two for a "
+                f"line plot)",
+                transform=ax.transAxes, ha="center", fontsize=8, color="dimgray")
     if two_d:
         _heatmap(axes[0][1], summary, value)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -51,6 +51,7 @@ import json
 import math
 import os
 import random
+import re
 import secrets
 import shlex
 import statistics
@@ -568,8 +569,6 @@ def expand(sweep: Sweep, count: Optional[int] = None, seed: Optional[int] = None
 
 
 def _expand_envvars(chunk: str) -> str:
-    import re
-
     return re.sub(r"\$\{envvar:([A-Z0-9_]*)\}", lambda m: os.environ.get(m.group(1), m.group(1)), chunk)
 
 
