@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -10,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
+from callbacks.epoch_timer import EpochTimer
 from callbacks.finite_loss import FiniteLossGuard
 from callbacks.rng_state import RNGStateCheckpoint
 from config.hparams import Hparams
@@ -52,6 +54,7 @@ def build_callbacks(cfg: Hparams, task: Task, ckpt_dir: Path) -> list[pl.Callbac
     callbacks: list[pl.Callback] = [
         FiniteLossGuard(cfg.trainer.finite_check_every_n_steps),
         RNGStateCheckpoint(),
+        EpochTimer(),
         # last.ckpt at every epoch end: a crash loses at most one epoch (or checkpoint_every_n_steps).
         ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True, every_n_epochs=1,
                         save_on_train_epoch_end=True),
@@ -139,9 +142,8 @@ def fit(run: Run) -> Run:
 
 
 def _finish_wandb(exit_code: int) -> None:
-    import wandb
-
-    if wandb.run is not None:  # several runs in one process (tests, sweeps) each need their own wandb run
+    wandb = sys.modules.get("wandb")  # only if a logger imported it (wandb_mode=disabled needs no wandb)
+    if wandb is not None and wandb.run is not None:  # several runs in one process (tests, sweeps) each need their own wandb run
         wandb.finish(exit_code=exit_code)
 
 

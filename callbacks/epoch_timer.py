@@ -1,0 +1,15 @@
+"""Wall time per training epoch (``time/train_epoch_s``), logged beside the metrics."""
+from __future__ import annotations
+
+import time
+
+import pytorch_lightning as pl
+
+
+class EpochTimer(pl.Callback):
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        # Host time only: no device sync is forced, so on a GPU the last queued kernels may be outside it.
+        pl_module.log("time/train_epoch_s", time.perf_counter() - self._start, on_step=False, on_epoch=True)
