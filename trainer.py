@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
+from callbacks import visualisation_callbacks
 from callbacks.epoch_timer import EpochTimer
 from callbacks.finite_loss import FiniteLossGuard
 from callbacks.rng_state import RNGStateCheckpoint
@@ -68,6 +69,7 @@ def build_callbacks(cfg: Hparams, task: Task, ckpt_dir: Path) -> list[pl.Callbac
             dirpath=ckpt_dir, monitor=task.monitor, mode=task.mode, save_top_k=1,
             filename="best-e{epoch:03d}-s{step}", auto_insert_metric_name=False,
         ))
+    callbacks += visualisation_callbacks(cfg)
     if cfg.trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=cfg.trainer.progress_refresh_rate))
     return callbacks

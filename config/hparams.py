@@ -230,6 +230,47 @@ class SegmentationConfig:
 
 
 @dataclass
+class CallbacksConfig:
+    """Visualisation callbacks: pictures under <run>/media/ and in wandb, on a small fixed set of
+    validation images, every few epochs (never inside the training step)."""
+
+    every_n_epochs: int = 5
+    """Draw the pictures every this many epochs (and after the last one)."""
+
+    num_images: int = 4
+    """Fixed validation images shown by the image-based callbacks (the same ones every time)."""
+
+    attention: bool = True
+    """ViT: CLS-token attention maps per head, their mean, and DINO's mass-threshold masks."""
+
+    attention_blocks: str = ""
+    """Extra ViT blocks to show besides the last, comma-separated 0-based indices (e.g. 0,5)."""
+
+    attention_keep: float = 0.6
+    """Attention mass the threshold masks keep (DINO: 0.6)."""
+
+    erf: bool = False
+    """Effective receptive fields (Luo et al., 2017) of chosen layers (a separate forward/backward pass)."""
+
+    erf_layers: str = ""
+    """Layers for the receptive fields, comma-separated: ViT block indices (e.g. 0,3,11) or ResNet stage
+    names (layer1..layer4); empty = a spread of 4 over the network."""
+
+    cross_correlation: bool = True
+    """Barlow Twins: heatmaps of the train (latest) and val (epoch-averaged) cross-correlation matrices,
+    also once before training; scalars (mean diagonal, mean |off-diagonal|, diagonal > 0.9) every log step."""
+
+    cross_correlation_block: int = 64
+    """Also draw the top-left k×k block of the matrix at full resolution when proj_dim is larger (0 = off)."""
+
+    views: bool = False
+    """Barlow Twins: a grid of augmented view pairs (what the network is asked to match)."""
+
+    predictions: bool = True
+    """Segmentation: image | ground truth | prediction grids with the VOC palette (and wandb masks)."""
+
+
+@dataclass
 class OptimConfig:
     """Optimiser and learning-rate schedule (linear warmup, then cosine decay), stepped every batch."""
 
@@ -393,6 +434,7 @@ class Hparams:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     barlow: BarlowConfig = field(default_factory=BarlowConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     log: LogConfig = field(default_factory=LogConfig)

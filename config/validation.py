@@ -197,6 +197,36 @@ def validate_segmentation(cfg: Hparams) -> None:
         raise ConfigError(f"--segmentation.head_weights: file {s.head_weights!r} does not exist")
 
 
+def validate_callbacks(cfg: Hparams) -> None:
+    from callbacks.visual import parse_indices
+    from models.backbones import is_vit
+    from models.backbones.vit import resolve_architecture
+
+    c = cfg.callbacks
+    _positive(c.every_n_epochs, "--callbacks.every_n_epochs")
+    _positive(c.num_images, "--callbacks.num_images")
+    if not 0 < c.attention_keep <= 1:
+        raise ConfigError(f"--callbacks.attention_keep must be in (0, 1], got {c.attention_keep}")
+    if c.cross_correlation_block < 0:
+        raise ConfigError(f"--callbacks.cross_correlation_block must be >= 0 (0 = off), got {c.cross_correlation_block}")
+    try:
+        blocks = parse_indices(c.attention_blocks, "--callbacks.attention_blocks")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if c.attention and blocks and is_vit(cfg.backbone.name):
+        depth = resolve_architecture(cfg.backbone)["depth"]
+        bad = [b for b in blocks if not -depth <= b < depth]
+        if bad:
+            raise ConfigError(f"--callbacks.attention_blocks: block(s) {bad} out of range for a {depth}-block ViT "
+                              f"(valid: 0..{depth - 1}, or negative from the end)")
+    if c.erf:
+        from callbacks.receptive_field import check_erf_layers
+
+        problem = check_erf_layers(cfg)
+        if problem:
+            raise ConfigError(problem)
+
+
 def validate(cfg: Hparams) -> Hparams:
     from lightningmodules import TASKS
 
@@ -206,6 +236,7 @@ def validate(cfg: Hparams) -> Hparams:
     validate_training(cfg)
     if cfg.task == "segmentation":
         validate_segmentation(cfg)
+    validate_callbacks(cfg)
     validate_data(cfg)  # last: the only check that looks at the file system
     if not cfg.log.output_dir:
         raise ConfigError("--log.output_dir must not be empty")

@@ -25,6 +25,10 @@ class TwoViewDataset(Dataset):
         self.paths = paths
         self.transform = transform
 
+    @property
+    def image_paths(self) -> list[Path]:
+        return self.paths
+
     def __len__(self) -> int:
         return len(self.paths)
 

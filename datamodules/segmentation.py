@@ -58,6 +58,10 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    @property
+    def image_paths(self) -> list[Path]:
+        return self.images
+
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         index, item_seed = key
         image = tv_tensors.Image(load_rgb(self.images[index]))

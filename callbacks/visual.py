@@ -1,0 +1,157 @@
+"""Shared machinery of the visualisation callbacks.
+
+Each callback draws on a small fixed set of validation images (the same ones every time, resized to the
+input size, no augmentation), every ``every_n_epochs`` epochs and after the last epoch, at the end of a
+training epoch — outside the training step, with gradients available (validation runs under
+``torch.inference_mode``, which gradient-based pictures cannot use). Each picture is written to
+``<run>/media/<name>_e<epoch>.png`` and logged to wandb under ``media/<name>``.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def denormalise(images: Tensor) -> Tensor:
+    """(B, 3, H, W) ImageNet-normalised → [0, 1] for display."""
+    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images * std + mean).clamp(0, 1)
+
+
+def fixed_validation_images(trainer: pl.Trainer, num_images: int) -> tuple[Tensor, list[Path]]:
+    """The first ``num_images`` validation images, resized to the input size and normalised (CPU)."""
+    from datamodules.images import load_rgb
+    from datamodules.transforms import segmentation_eval_transform
+
+    datamodule = trainer.datamodule
+    paths = list(datamodule.val_set.image_paths[:num_images])
+    transform = segmentation_eval_transform(datamodule.cfg.img_size)
+    return torch.stack([transform(load_rgb(p)) for p in paths]), paths
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module):
+    """Eval mode (dropout and stochastic depth off, BatchNorm statistics untouched), then every submodule's
+    own mode back (a frozen backbone stays in eval mode)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+class VisualisationCallback(pl.Callback):
+    """Subclasses set ``name`` and implement :meth:`draw` returning a matplotlib figure (or None)."""
+
+    name = "picture"
+
+    def __init__(self, every_n_epochs: int = 5, num_images: int = 4):
+        self.every_n_epochs = max(1, every_n_epochs)
+        self.num_images = num_images
+        self._images: Optional[Tensor] = None
+        self.enabled = True
+
+    # -- subclass API ------------------------------------------------------------------------------
+    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[str]:
+        """Why this callback cannot work with this run (it then disables itself), or None."""
+        return None
+
+    def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, images: Tensor):
+        raise NotImplementedError
+
+    # -- schedule ----------------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        problem = self.check(trainer, pl_module)
+        if problem:
+            log.warning("%s pictures are off: %s", self.name, problem)
+            self.enabled = False
+
+    def due(self, trainer: pl.Trainer) -> bool:
+        epoch = trainer.current_epoch
+        last = trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch == trainer.max_epochs - 1
+        return (self.enabled and trainer.is_global_zero and not trainer.sanity_checking
+                and (epoch % self.every_n_epochs == 0 or last))
+
+    def images(self, trainer: pl.Trainer, device: torch.device) -> Tensor:
+        if self._images is None:
+            self._images, _ = fixed_validation_images(trainer, self.num_images)
+        return self._images.to(device)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.due(trainer):
+            self.render(trainer, pl_module, tag=f"e{trainer.current_epoch:03d}")
+
+    def render(self, trainer, pl_module, tag: str) -> Optional[Path]:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        with eval_mode(pl_module):
+            figure = self.draw(trainer, pl_module, self.images(trainer, pl_module.device))
+        if figure is None:
+            return None
+        path = save_figure(trainer, figure, f"{self.name}_{tag}")
+        plt.close(figure)
+        return path
+
+
+def save_figure(trainer: pl.Trainer, figure, stem: str) -> Path:
+    """media/<stem>.png under the run directory, and the same image to wandb as media/<name>."""
+    media = Path(trainer.default_root_dir) / "media"
+    media.mkdir(parents=True, exist_ok=True)
+    path = media / f"{stem}.png"
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    log_image(trainer, f"media/{stem.rsplit('_', 1)[0]}", path, stem)
+    return path
+
+
+def log_image(trainer: pl.Trainer, key: str, path: Path, caption: str) -> None:
+    from pytorch_lightning.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[str(path)], caption=[caption], step=trainer.global_step)
+
+
+def parse_indices(text: str, flag: str) -> list[int]:
+    """'0, 5,11' → [0, 5, 11]; a clear error naming the flag otherwise."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{flag}={text!r}: expected comma-separated integers, e.g. 0,5,11") from None
+
+
+def backbone_of(pl_module: pl.LightningModule) -> Optional[torch.nn.Module]:
+    """The backbone of either task: ``pl_module.backbone`` (Barlow Twins) or ``pl_module.model.backbone``
+    (segmentation)."""
+    if hasattr(pl_module, "backbone"):
+        return pl_module.backbone
+    model = getattr(pl_module, "model", None)
+    return getattr(model, "backbone", None)
+
+
+def vit_of(pl_module: pl.LightningModule):
+    """The timm VisionTransformer inside the module, or None for a CNN backbone."""
+    return getattr(backbone_of(pl_module), "vit", None)
+
+
+def cnn_of(pl_module: pl.LightningModule) -> Optional[torch.nn.Module]:
+    """The ResNet trunk (a module with children layer1..layer4), or None for a ViT."""
+    backbone = backbone_of(pl_module)
+    trunk = getattr(backbone, "model", backbone)  # ResNetBackbone.model, or DeepLab's IntermediateLayerGetter
+    return trunk if trunk is not None and hasattr(trunk, "layer4") else None

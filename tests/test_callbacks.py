@@ -1,0 +1,80 @@
+"""Cross-correlation, view-pair and prediction pictures; the scalars; the epoch timer."""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+import main
+from callbacks.cross_correlation import CMAP, VMAX, VMIN, convergence_scalars, plot_cross_correlation
+from tests.test_main import column, metrics
+from tests.wandb_records import logged, run_file
+
+
+def test_convergence_scalars_by_hand():
+    c = torch.tensor([[0.95, -0.2, 0.1], [0.3, 0.5, 0.0], [-0.4, 0.2, 0.92]])
+    s = convergence_scalars(c)
+    off = [abs(c[i, j].item()) for i in range(3) for j in range(3) if i != j]
+    assert s["diag_mean"].item() == pytest.approx((0.95 + 0.5 + 0.92) / 3)
+    assert s["offdiag_abs_mean"].item() == pytest.approx(sum(off) / len(off))
+    assert s["diag_above_0.9"].item() == pytest.approx(2 / 3)
+
+
+def test_cross_correlation_plot_uses_the_fixed_scale_and_the_block():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    fig = plot_cross_correlation({"train": torch.eye(100), "val": torch.eye(100) * 0.5}, "t", block=16)
+    images = [im for ax in fig.axes for im in ax.get_images()]
+    assert len(images) == 4  # whole matrices + top-left blocks
+    for im in images:
+        assert im.norm.vmin == VMIN and im.norm.vmax == VMAX and im.get_cmap().name == CMAP
+    assert images[2].get_array().shape == (16, 16)
+    # 1 is red, 0 is cyan-blue on this scale
+    red = im.cmap(im.norm(1.0))
+    blue = im.cmap(im.norm(0.0))
+    assert red[0] > 0.4 and red[2] < 0.1 and blue[2] > 0.9 and blue[0] < 0.1
+    no_block = plot_cross_correlation({"train": torch.eye(32)}, "t", block=64)
+    assert len([im for ax in no_block.axes for im in ax.get_images()]) == 1
+
+
+def png(path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        return image.size
+
+
+def test_barlow_twins_pictures_and_scalars(tiny, tmp_path):
+    args = tiny("bt", callbacks__attention="false", callbacks__views="true", callbacks__every_n_epochs=1)
+    assert main.main(args) == 0
+    media = tmp_path / "runs" / "bt" / "media"
+    for name in ("cross_correlation_start", "cross_correlation_e000", "cross_correlation_e001", "views_e000", "views_e001"):
+        width, height = png(media / f"{name}.png")
+        assert width > 300 and height > 200, name
+    rows = metrics(tmp_path / "runs" / "bt")
+    diag = column(rows, "cc/diag_mean")
+    assert len(diag) == 8 and all(-1 <= v <= 1 for _, v in diag)
+    assert all(0 <= v <= 1 for _, v in column(rows, "cc/diag_above_0.9"))
+    assert len(column(rows, "time/train_epoch_s")) == 2
+    _, history = logged(run_file(tmp_path / "runs" / "bt"))
+    assert any(k.startswith("media/cross_correlation/") for h in history for k in h)
+
+
+def test_segmentation_prediction_pictures(tiny, tmp_path):
+    args = tiny("seg", task="segmentation", segmentation__hidden_dim=8, data__batch_size=4,
+                callbacks__attention="false", callbacks__every_n_epochs=5, trainer__max_epochs=2)
+    assert main.main(args) == 0
+    media = tmp_path / "runs" / "seg" / "media"
+    # every 5 epochs → epoch 0, and the last epoch
+    assert sorted(p.name for p in media.glob("predictions_*.png")) == ["predictions_e000.png", "predictions_e001.png"]
+    width, height = png(media / "predictions_e001.png")
+    assert width > 300 and height > 4 * 100
+    _, history = logged(run_file(tmp_path / "runs" / "seg"))
+    assert any(k.startswith("media/predictions_masks/") for h in history for k in h)
+
+
+def test_pictures_can_be_switched_off(tiny, tmp_path):
+    args = tiny("off", callbacks__attention="false", callbacks__cross_correlation="false", trainer__max_epochs=1)
+    assert main.main(args) == 0
+    assert not list((tmp_path / "runs" / "off" / "media").glob("*.png"))
