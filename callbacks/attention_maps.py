@@ -17,7 +17,7 @@ import numpy as np
 import pytorch_lightning as pl
 from torch import Tensor
 
-from callbacks.visual import VisualisationCallback, denormalise, eval_mode, save_figure, vit_of
+from callbacks.visual import VisualisationCallback, denormalise, eval_mode, save_figure, subplots, vit_of
 from utils.attention import cls_attentions, mass_threshold_masks
 
 CELL_INCHES = 1.7
@@ -78,18 +78,12 @@ class AttentionMapCallback(VisualisationCallback):
                                 epoch=trainer.current_epoch, keep=self.keep)
 
     def render(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> Optional[Path]:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         with eval_mode(pl_module):
             figures = self.figures(trainer, pl_module, self.images(trainer, pl_module.device))
         depth = len(vit_of(pl_module).blocks)
         main_path = None
         for block, figure in figures:
             path = save_figure(trainer, figure, self.stem(block, depth, tag))
-            plt.close(figure)
             if block == depth - 1:
                 main_path = path
         return main_path
@@ -119,7 +113,6 @@ def attention_figure(images: Tensor, attn: Tensor, block: int, depth: int, epoch
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
     pictures = denormalise(images).permute(0, 2, 3, 1).numpy()
@@ -130,11 +123,11 @@ def attention_figure(images: Tensor, attn: Tensor, block: int, depth: int, epoch
     mean_masks = mass_threshold_masks(mean, keep).numpy()
     head_masks = mass_threshold_masks(attn, keep).numpy()
     attn_np, mean_np = attn.numpy(), mean.numpy()
-    palette = plt.get_cmap("tab10" if heads <= 10 else "tab20")
+    palette = matplotlib.colormaps["tab10" if heads <= 10 else "tab20"]
     head_colours = [palette(h % palette.N) for h in range(heads)]
 
     columns = 1 + heads + 3
-    figure, axes = plt.subplots(batch, columns, figsize=(CELL_INCHES * columns, CELL_INCHES * batch + 0.6),
+    figure, axes = subplots(batch, columns, figsize=(CELL_INCHES * columns, CELL_INCHES * batch + 0.6),
                                 squeeze=False, layout="constrained")
     which = f"block {block} (the last of {depth})" if block == depth - 1 else f"block {block} (of 0..{depth - 1})"
     figure.suptitle(f"CLS-token attention · {which} · epoch {epoch}\n"

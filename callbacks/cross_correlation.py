@@ -14,7 +14,10 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from callbacks.visual import eval_mode, save_figure
+from torch.utils.data import default_collate
+
+from callbacks.visual import eval_mode, save_figure, subplots, wait_for_pictures
+from datamodules.sampling import SeededSampler
 from models.losses import barlow_twins_loss
 
 # Fixed scale: 0 sits at the cyan-blue third of "jet", 1 at its red end; negative values stay blue.
@@ -31,13 +34,12 @@ def convergence_scalars(c: Tensor) -> dict[str, Tensor]:
 
 def plot_cross_correlation(matrices: dict[str, Tensor], title: str, block: int = 0):
     """One column per matrix (e.g. train, val); a second row with the top-left block when asked."""
-    import matplotlib.pyplot as plt
 
     names = list(matrices)
     dims = [m.shape[0] for m in matrices.values()]
     show_block = block > 0 and any(d > block for d in dims)
     rows = 2 if show_block else 1
-    fig, axes = plt.subplots(rows, len(names), figsize=(4.6 * len(names), 4.2 * rows), squeeze=False)
+    fig, axes = subplots(rows, len(names), figsize=(4.6 * len(names), 4.2 * rows), squeeze=False)
     image = None
     for j, name in enumerate(names):
         c = matrices[name].detach().float().cpu().numpy()
@@ -90,23 +92,24 @@ class CrossCorrelationCallback(pl.Callback):
             self._save(trainer, matrices, f"e{epoch:03d}", f"epoch {epoch}, step {trainer.global_step}")
 
     def _initial_matrix(self, trainer, pl_module) -> Optional[Tensor]:
-        loader = trainer.datamodule.val_dataloader() if trainer.datamodule is not None else None
-        if loader is None:
+        dm = trainer.datamodule
+        if dm is None or getattr(dm, "val_set", None) is None or len(dm.val_set) < 2:
             return None
-        x1, x2 = next(iter(loader))
+        # One validation batch read in this process (no DataLoader workers to start), same seeded views
+        # as the validation loader's first batch.
+        sampler = SeededSampler(len(dm.val_set), dm.seed, shuffle=False, vary_with_epoch=False)
+        keys = [key for _, key in zip(range(min(dm.batch_size, len(dm.val_set))), sampler)]
+        x1, x2 = default_collate([dm.val_set[key] for key in keys])
         with torch.no_grad(), eval_mode(pl_module):
             z1, z2 = pl_module.embed(x1.to(pl_module.device), x2.to(pl_module.device))
             _, c = barlow_twins_loss(z1, z2, pl_module.cfg.barlow.lambd)
         return c
 
     def _save(self, trainer, matrices: dict[str, Tensor], tag: str, when: str) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         diag = {name: float(torch.diagonal(c).mean()) for name, c in matrices.items()}
         title = f"Barlow Twins cross-correlation, {when} — mean diagonal " + ", ".join(f"{n.split()[0]} {v:.2f}" for n, v in diag.items())
         fig = plot_cross_correlation(matrices, title, self.block)
         save_figure(trainer, fig, f"{self.name}_{tag}")
-        plt.close(fig)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        wait_for_pictures()

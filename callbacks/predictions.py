@@ -7,7 +7,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from callbacks.visual import VisualisationCallback, denormalise, save_figure
+from callbacks.visual import VisualisationCallback, denormalise, subplots
 from datamodules.segmentation import IGNORE_INDEX, load_mask
 from datamodules.voc import VOC_CLASSES
 
@@ -36,7 +36,6 @@ class PredictionsCallback(VisualisationCallback):
         return torch.stack([resize(tv_tensors.Mask(load_mask(p, n))) for p in dataset.masks[: self.num_images]])
 
     def draw(self, trainer, pl_module, images):
-        import matplotlib.pyplot as plt
         from matplotlib.patches import Patch
 
         num_classes = pl_module.cfg.segmentation.num_classes
@@ -46,7 +45,7 @@ class PredictionsCallback(VisualisationCallback):
         shown = denormalise(images).permute(0, 2, 3, 1).cpu().numpy()
         palette = voc_palette()
         n = images.shape[0]
-        fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n + 0.8), squeeze=False)
+        fig, axes = subplots(n, 3, figsize=(7.5, 2.5 * n + 0.8), squeeze=False)
         for i in range(n):
             for j, (picture, title) in enumerate(((shown[i], "image"), (palette[truth[i]], "ground truth"),
                                                   (palette[pred[i]], "prediction"))):

@@ -14,7 +14,7 @@ from typing import Optional
 import pytorch_lightning as pl
 from torch import Tensor
 
-from callbacks.visual import VisualisationCallback
+from callbacks.visual import subplots, VisualisationCallback
 from utils.receptive_field import check_erf_layers, effective_receptive_field, erf_model, resolve_layers
 
 __all__ = ["ReceptiveFieldCallback", "check_erf_layers", "plot_receptive_fields"]  # check_erf_layers: for config validation
@@ -25,13 +25,12 @@ LOG_VMIN = 1e-3  # the log scale shows three decades below the peak
 
 def plot_receptive_fields(maps: dict[str, Tensor], title: str, log_scale: bool = False):
     """A grid of (H, W) maps in [0, 1], one per layer (at most 4 per row), with one shared colour bar."""
-    import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm, Normalize
 
     names = list(maps)
     cols = min(4, len(names))
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 0.8, 3.2 * rows + 0.6), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(3.2 * cols + 0.8, 3.2 * rows + 0.6), squeeze=False)
     norm = LogNorm(vmin=LOG_VMIN, vmax=1.0) if log_scale else Normalize(vmin=0.0, vmax=1.0)
     image = None
     for ax, name in zip(axes.flat, names):

@@ -8,18 +8,13 @@ class ViewPairsCallback(VisualisationCallback):
     name = "views"
 
     def render(self, trainer, pl_module, tag: str):
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        from callbacks.visual import save_figure
+        from callbacks.visual import save_figure, subplots
 
         # The validation loader's views are seeded per image: the same pairs every time.
         x1, x2 = next(iter(trainer.datamodule.val_dataloader()))
         n = min(self.num_images, x1.shape[0])
         v1, v2 = denormalise(x1[:n]), denormalise(x2[:n])
-        fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.6), squeeze=False)
+        fig, axes = subplots(2, n, figsize=(2.2 * n, 4.6), squeeze=False)
         for i in range(n):
             for row, views in enumerate((v1, v2)):
                 axes[row, i].imshow(views[i].permute(1, 2, 0).cpu().numpy())
@@ -28,6 +23,4 @@ class ViewPairsCallback(VisualisationCallback):
         axes[0, 0].text(-0.1, 0.5, "view 1", transform=axes[0, 0].transAxes, rotation=90, va="center", ha="right")
         axes[1, 0].text(-0.1, 0.5, "view 2", transform=axes[1, 0].transAxes, rotation=90, va="center", ha="right")
         fig.suptitle(f"Barlow Twins view pairs (epoch {trainer.current_epoch})")
-        path = save_figure(trainer, fig, f"{self.name}_{tag}")
-        plt.close(fig)
-        return path
+        return save_figure(trainer, fig, f"{self.name}_{tag}")

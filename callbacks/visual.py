@@ -9,6 +9,7 @@ training epoch — outside the training step, with gradients available (validati
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -96,36 +97,68 @@ class VisualisationCallback(pl.Callback):
             self.render(trainer, pl_module, tag=f"e{trainer.current_epoch:03d}")
 
     def render(self, trainer, pl_module, tag: str) -> Optional[Path]:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         with eval_mode(pl_module):
             figure = self.draw(trainer, pl_module, self.images(trainer, pl_module.device))
         if figure is None:
             return None
-        path = save_figure(trainer, figure, f"{self.name}_{tag}")
-        plt.close(figure)
-        return path
+        return save_figure(trainer, figure, f"{self.name}_{tag}")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        wait_for_pictures()
+
+
+def subplots(rows: int, cols: int, **kwargs):
+    """A matplotlib Figure and its axes grid, outside pyplot's global registry: figures can then be
+    rendered by the background writer thread and need no plt.close()."""
+    from matplotlib.figure import Figure
+
+    squeeze = kwargs.pop("squeeze", True)
+    figure = Figure(figsize=kwargs.pop("figsize", None), layout=kwargs.pop("layout", None))
+    return figure, figure.subplots(rows, cols, squeeze=squeeze, **kwargs)
+
+
+_writer: Optional[ThreadPoolExecutor] = None
+_pending: list[Future] = []
 
 
 def save_figure(trainer: pl.Trainer, figure, stem: str) -> Path:
-    """media/<stem>.png under the run directory, and the same image to wandb as media/<name>."""
+    """Write media/<stem>.png under the run directory and log it to wandb as media/<name>.
+
+    Rasterising and writing the PNG (most of a picture's cost) happens on a background thread, so the
+    next training steps run meanwhile; :func:`wait_for_pictures` (called at the end of training) waits."""
+    global _writer
     media = Path(trainer.default_root_dir) / "media"
     media.mkdir(parents=True, exist_ok=True)
     path = media / f"{stem}.png"
-    figure.savefig(path, dpi=100, bbox_inches="tight")
-    log_image(trainer, f"media/{stem.rsplit('_', 1)[0]}", path, stem)
+    key, step = f"media/{stem.rsplit('_', 1)[0]}", trainer.global_step
+
+    def write() -> None:
+        figure.savefig(path, dpi=100, bbox_inches="tight")
+        log_image(trainer, key, path, stem, step)
+
+    if _writer is None:
+        _writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitssl-pictures")
+    _pending.append(_writer.submit(write))
     return path
 
 
-def log_image(trainer: pl.Trainer, key: str, path: Path, caption: str) -> None:
+def wait_for_pictures() -> None:
+    """Block until every queued picture is written; a failed picture is a warning, never a failed run."""
+    while _pending:
+        future = _pending.pop(0)
+        try:
+            future.result()
+        except Exception as err:  # noqa: BLE001
+            log.warning("a picture could not be written: %s", err)
+
+
+def log_image(trainer: pl.Trainer, key: str, path: Path, caption: str, step: Optional[int] = None) -> None:
     from pytorch_lightning.loggers import WandbLogger
 
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
-            logger.log_image(key=key, images=[str(path)], caption=[caption], step=trainer.global_step)
+            logger.log_image(key=key, images=[str(path)], caption=[caption],
+                             step=trainer.global_step if step is None else step)
 
 
 def parse_indices(text: str, flag: str) -> list[int]:
