@@ -21,7 +21,7 @@ def visualisation_callbacks(cfg: Hparams) -> list[pl.Callback]:
     if c.erf:
         from callbacks.receptive_field import ReceptiveFieldCallback
 
-        out.append(ReceptiveFieldCallback(layers=c.erf_layers, **common))
+        out.append(ReceptiveFieldCallback(layers=c.erf_layers, log_scale=c.erf_log_scale, **common))
     if cfg.task == "barlow_twins":
         if c.cross_correlation:
             from callbacks.cross_correlation import CrossCorrelationCallback

@@ -256,6 +256,10 @@ class CallbacksConfig:
     """Layers for the receptive fields, comma-separated: ViT block indices (e.g. 0,3,11) or ResNet stage
     names (layer1..layer4); empty = a spread of 4 over the network."""
 
+    erf_log_scale: bool = False
+    """Draw the receptive fields on a log colour scale (three decades): shows the spread beyond the centre,
+    which the skip connections of a ViT or ResNet otherwise dominate."""
+
     cross_correlation: bool = True
     """Barlow Twins: heatmaps of the train (latest) and val (epoch-averaged) cross-correlation matrices,
     also once before training; scalars (mean diagonal, mean |off-diagonal|, diagonal > 0.9) every log step."""
