@@ -290,3 +290,29 @@ def test_deeplabv3_trains_end_to_end(tiny, tmp_path):
     assert main.main(args) == 0
     state = ckpt(tmp_path / "runs" / "deeplab" / "checkpoints" / "last.ckpt")
     assert state["global_step"] == 2 and any(k.startswith("model.aux_classifier.") for k in state["state_dict"])
+
+
+def test_fine_tuning_trains_the_backbone_with_its_own_learning_rate(tiny):
+    import pytorch_lightning as pl
+
+    module = tiny_module(tiny, segmentation__freeze_backbone="false", segmentation__backbone_lr=1e-3, optim__lr=1e-2)
+    groups = module.param_groups()
+    backbone_ids = {id(p) for p in module.model.backbone.parameters()}
+    backbone_lrs = {g["lr"] for g in groups if any(id(p) in backbone_ids for p in g["params"])}
+    head_lrs = {g["lr"] for g in groups if not any(id(p) in backbone_ids for p in g["params"])}
+    assert backbone_lrs == {1e-3} and head_lrs == {1e-2}
+    assert module.model.backbone.training is False or module.model.freeze_backbone is False
+    before = {k: v.clone() for k, v in module.model.backbone.state_dict().items()}
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 21, (4, 32, 32))
+
+    class Batches:
+        def __iter__(self):
+            return iter([(x, y)] * 2)
+
+        def __len__(self):
+            return 2
+
+    pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, limit_val_batches=0, accelerator="cpu").fit(module, train_dataloaders=Batches())
+    after = module.model.backbone.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
