@@ -4,6 +4,16 @@ from __future__ import annotations
 import pytorch_lightning as pl
 
 
+def record_nonfinite(pl_module: pl.LightningModule, loss) -> None:
+    """Remember (on the device, no sync) the first step whose loss was not finite, in the module's
+    ``first_nonfinite_step`` buffer (-1: none so far); :class:`FiniteLossGuard` reads it."""
+    import torch
+
+    first = pl_module.first_nonfinite_step
+    bad = ~torch.isfinite(loss.detach())
+    pl_module.first_nonfinite_step = torch.where(bad & (first < 0), torch.full_like(first, pl_module.global_step), first)
+
+
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 

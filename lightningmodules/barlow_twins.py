@@ -7,6 +7,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from callbacks.finite_loss import record_nonfinite
 from config.hparams import Hparams
 from config.loading import from_dict, to_dict
 from datamodules.barlow_twins import BarlowTwinsDataModule
@@ -72,9 +73,7 @@ class BarlowTwinsModule(pl.LightningModule):
     def training_step(self, batch, batch_idx: int) -> Tensor:
         loss, c = self.shared_step(batch, "train")
         self.last_cross_correlation = c
-        bad = ~torch.isfinite(loss.detach())
-        first = self.first_nonfinite_step
-        self.first_nonfinite_step = torch.where(bad & (first < 0), torch.full_like(first, self.global_step), first)
+        record_nonfinite(self, loss)
         return loss
 
     def on_validation_epoch_start(self) -> None:

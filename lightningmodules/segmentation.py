@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from callbacks.finite_loss import record_nonfinite
 from config.hparams import Hparams
 from config.loading import from_dict
 from datamodules.segmentation import IGNORE_INDEX, SegmentationDataModule
@@ -72,9 +73,7 @@ class SegmentationModule(pl.LightningModule):
         loss = self.loss(out, masks)
         self.train_confusion.update(out["out"].detach().argmax(1), masks)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
-        bad = ~torch.isfinite(loss.detach())
-        first = self.first_nonfinite_step
-        self.first_nonfinite_step = torch.where(bad & (first < 0), torch.full_like(first, self.global_step), first)
+        record_nonfinite(self, loss)
         return loss
 
     def on_train_epoch_end(self) -> None:
