@@ -48,7 +48,8 @@ def _batches(value: float) -> float | int:
 
 
 def checkpoint_step(path: str) -> int:
-    return int(torch.load(path, map_location="cpu", weights_only=True).get("global_step", 0))
+    # mmap: reads the small "global_step" entry without pulling every tensor off the disk
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
 
 
 def build_callbacks(cfg: Hparams, task: Task, ckpt_dir: Path) -> list[pl.Callback]:

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 
-from config.loading import from_dict, load_yaml, parse_config, to_dict  # noqa: E402
+from config.loading import parse_config, to_dict  # noqa: E402
 from lightningmodules.barlow_twins import BarlowTwinsModule  # noqa: E402
 from models.losses import barlow_twins_loss  # noqa: E402
 

@@ -5,7 +5,6 @@ import csv
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 import main

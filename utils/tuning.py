@@ -19,6 +19,7 @@ import yaml
 from pytorch_lightning.tuner import Tuner
 
 from callbacks.rng_state import collect_rng_state, restore_rng_state
+from callbacks.visual import log_image
 from config.loading import save_config, to_dict
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,8 @@ def tune_lr(run, tuner: Tuner, result: TuningResult) -> None:
         import matplotlib.pyplot as plt
 
         plt.close(figure)
-        _log_image(run, "tune/lr_finder", media / "lr_finder.png",
-                   f"suggested lr {suggestion:.3g}" if suggestion is not None else "no suggestion")
+        log_image(run.trainer, "tune/lr_finder", media / "lr_finder.png",
+                  f"suggested lr {suggestion:.3g}" if suggestion is not None else "no suggestion", step=0)
     if suggestion is None:
         message = (f"the LR finder made no suggestion (fewer than 13 finite losses between {t.tune_lr_min} and "
                    f"{t.tune_lr_max}); training with --optim.lr={run.cfg.optim.lr}")
@@ -105,14 +106,6 @@ def _save_lr_curve(finder, path: Path) -> None:
         writer = csv.writer(f)
         writer.writerow(["lr", "loss"])
         writer.writerows(zip(finder.results["lr"], finder.results["loss"]))
-
-
-def _log_image(run, key: str, path: Path, caption: str) -> None:
-    from pytorch_lightning.loggers import WandbLogger
-
-    for logger in run.trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            logger.log_image(key=key, images=[str(path)], caption=[caption], step=0)
 
 
 def _write_back(run, result: TuningResult) -> None:
