@@ -114,6 +114,12 @@ class AugmentConfig:
     solarize_prob_2: float = 0.2
     """Probability of solarising the second view."""
 
+    gpu: bool = False
+    """Run the photometric augmentations (colour jitter, grayscale, blur, solarisation) batched on the
+    training device, with per-sample parameters drawn from the same distributions as the CPU pipeline;
+    the DataLoader workers then only decode, crop and flip (uint8). Use it when the CPU workers limit
+    the training speed (see benchmarks/bench_data.py)."""
+
 
 @dataclass
 class BackboneConfig:
@@ -152,6 +158,11 @@ class BackboneConfig:
     drop_path_rate: float = 0.0
     """ViT stochastic depth rate."""
 
+    resnet_norm: Literal["batch", "frozen", "group"] = "batch"
+    """ResNet-50 normalisation: 'batch' (BatchNorm, torchvision's), 'frozen' (BatchNorm with fixed
+    statistics and affine parameters still trained, as detection backbones do; batch-independent), or
+    'group' (GroupNorm with 32 groups; batch-independent, not compatible with BatchNorm weights)."""
+
 
 @dataclass
 class BarlowConfig:
@@ -165,6 +176,27 @@ class BarlowConfig:
 
     lambd: float = 0.0051
     """Weight of the off-diagonal (redundancy reduction) term."""
+
+    micro_batch_size: int = 0
+    """Process each batch in chunks of this many images (0 = off): loss and gradients stay those of the
+    whole data.batch_size (the projector and the loss see the whole batch), while backbone activation
+    memory is that of one chunk (gradient caching: backbone activations are recomputed chunk by chunk
+    in the backward pass). Exact for ViTs; a ResNet with BatchNorm normalises each chunk by its own
+    statistics (see backbone.resnet_norm)."""
+
+    dense_weight: float = 0.0
+    """Weight of the dense Barlow Twins term between patch tokens of the two views that see the same
+    image region (0 = off; ViT backbones only)."""
+
+    dense_proj_dim: int = 512
+    """Width of the dense term's own projector layers."""
+
+    dense_points: int = 16
+    """Dense term: matching points sampled per image in the region both views see; both views' patch-token
+    grids are read there bilinearly."""
+
+    shared_crop: bool = False
+    """Both views use one random crop (and flip) of the image; only the photometric augmentations differ."""
 
 
 @dataclass
@@ -273,6 +305,31 @@ class CallbacksConfig:
     predictions: bool = True
     """Segmentation: image | ground truth | prediction grids with the VOC palette (and wandb masks)."""
 
+    emergence: bool = True
+    """Barlow Twins with a ViT: every emergence_every_n_epochs, the Jaccard similarity between the last
+    block's CLS attention masks (callbacks.attention_keep of the mass, best head per object) and the
+    ground-truth objects of a fixed validation subset (DINO's protocol), logged as val/attn_jaccard."""
+
+    emergence_images: int = 64
+    """Validation images (with masks) the emergence Jaccard is computed on (a fixed, evenly spaced subset)."""
+
+    emergence_every_n_epochs: int = 1
+    """Compute the emergence Jaccard every this many epochs (and before training)."""
+
+    online_probe: bool = False
+    """Barlow Twins: train a linear segmentation head on detached patch tokens alongside pretraining
+    (labelled train split, its own optimiser; the backbone gets no gradient from it) and log its val
+    mIoU every online_probe_every_n_epochs."""
+
+    online_probe_every_n_epochs: int = 5
+    """Evaluate the online probe every this many epochs (and after the last one)."""
+
+    online_probe_lr: float = 1e-3
+    """Online probe learning rate (AdamW)."""
+
+    online_probe_batch_size: int = 16
+    """Labelled images per online probe step (one step per training step)."""
+
 
 @dataclass
 class OptimConfig:
@@ -327,6 +384,23 @@ class TrainerConfig:
 
     devices: int = 1
     """Number of devices."""
+
+    num_nodes: int = 1
+    """Number of machines (multi-node DDP; launch with torchrun or SLURM, see docs/distributed.md)."""
+
+    strategy: str = "auto"
+    """Lightning strategy: 'auto' (one device, or DDP when devices > 1), 'ddp', 'ddp_spawn', 'ddp_find_unused_parameters_true'.
+    Barlow Twins computes its cross-correlation over the global batch (all devices) with gradients."""
+
+    sync_batchnorm: bool = False
+    """Multi-GPU: synchronise the backbone's BatchNorm statistics across devices (ResNet-50; CUDA only).
+    The projector always normalises over the global batch."""
+
+    compile: bool = False
+    """Compile the backbone with torch.compile (first steps are slower while it compiles)."""
+
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    """torch.compile mode."""
 
     precision: str = "auto"
     """'auto' (bf16-mixed on a GPU that supports it, else 32-true), or any Lightning precision string."""
