@@ -19,7 +19,7 @@ from config.hparams import Hparams
 from config.loading import save_config, to_dict
 from lightningmodules import TASKS, Task
 from utils.loggers import RunCSVLogger, build_wandb_logger, effective_wandb_mode
-from utils.run_dir import CHECKPOINT_DIR, prepare_run_dir
+from utils.run_dir import CHECKPOINT_DIR, global_rank, prepare_run_dir
 from utils.tuning import tune
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,8 @@ def build(cfg: Hparams) -> Run:
     task = TASKS.get(cfg.task)
     pl.seed_everything(cfg.seed, workers=True)
     run_dir = prepare_run_dir(cfg)
-    save_config(cfg, run_dir / "config.yaml")
+    if global_rank() == 0:
+        save_config(cfg, run_dir / "config.yaml")
 
     resume_step = checkpoint_step(cfg.trainer.resume) if cfg.trainer.resume else None
     loggers: list = [RunCSVLogger(run_dir, resume_step=resume_step)]
@@ -90,11 +91,19 @@ def build(cfg: Hparams) -> Run:
         loggers.append(build_wandb_logger(cfg, run_dir, wandb_mode))
 
     module = task.module(to_dict(cfg))
+    if cfg.trainer.compile:
+        compile_model(module, cfg.trainer.compile_mode)
     datamodule = task.datamodule(cfg)
     trainer = pl.Trainer(
         default_root_dir=str(run_dir),
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=cfg.trainer.strategy,
+        sync_batchnorm=cfg.trainer.sync_batchnorm,
+        # Our samplers shard themselves across processes (datamodules/sampling.py) so that a run on W
+        # devices sees the same global batches as one device; Lightning must not wrap them.
+        use_distributed_sampler=False,
         precision=resolve_precision(cfg),
         max_epochs=cfg.trainer.max_epochs,
         max_steps=cfg.trainer.max_steps,
@@ -111,6 +120,13 @@ def build(cfg: Hparams) -> Run:
         enable_model_summary=True,
     )
     return Run(cfg, run_dir, task, module, datamodule, trainer)
+
+
+def compile_model(module: pl.LightningModule, mode: str) -> None:
+    """torch.compile the network in place (``nn.Module.compile``: parameter names, and so checkpoints,
+    stay unchanged). Barlow Twins: the backbone; segmentation: the whole segmenter."""
+    target = getattr(module, "backbone", None) or getattr(module, "model")
+    target.compile(mode=mode)
 
 
 def evaluate(run: Run) -> dict:

@@ -1,6 +1,6 @@
 """Barlow Twins training throughput: our Lightning step vs a bare PyTorch loop on the same model.
 
-Both sides train the same backbone + projector with the same loss, optimiser and batches (pre-made
+Both sides train the same backbone + projector (micro-batched and/or compiled when the config says so) with the same loss, optimiser and batches (pre-made
 tensors already on the device, so data loading is excluded), alternating in rounds so machine noise hits both alike.
 A third line measures the data path alone: our DataLoader (decode + two-view augmentation) in img/s.
 
@@ -67,8 +67,15 @@ def _peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
-def lightning_steps_per_s(cfg, views, steps: int, warmup: int, precision: str, device: torch.device) -> float:
+def build_module(cfg) -> BarlowTwinsModule:
     module = BarlowTwinsModule(to_dict(cfg))
+    if cfg.trainer.compile:  # as trainer.build does
+        module.backbone.compile(mode=cfg.trainer.compile_mode)
+    return module
+
+
+def lightning_steps_per_s(cfg, views, steps: int, warmup: int, precision: str, device: torch.device) -> float:
+    module = build_module(cfg)
     # The same pre-made batches as the bare loop, already on the device: no collation, no host copies.
     b = cfg.data.batch_size
     x1s, x2s = (v.to(device) for v in views)
@@ -83,7 +90,7 @@ def lightning_steps_per_s(cfg, views, steps: int, warmup: int, precision: str, d
 
 
 def bare_steps_per_s(cfg, views, steps: int, warmup: int, device: torch.device, bf16: bool) -> float:
-    module = BarlowTwinsModule(to_dict(cfg)).to(device)
+    module = build_module(cfg).to(device)
     optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     b = cfg.data.batch_size
     x1s, x2s = (v.to(device) for v in views)
@@ -118,10 +125,11 @@ def data_images_per_s(cfg, batches: int) -> float:
     start, seen = time.perf_counter(), 0
     for _ in range(batches):
         try:
-            x1, _ = next(it)
+            batch = next(it)
         except StopIteration:
             it = iter(loader)
-            x1, _ = next(it)
+            batch = next(it)
+        x1 = dm.on_after_batch_transfer(batch, 0)[0]  # finished views in either augmentation mode
         seen += x1.shape[0]
     return seen / (time.perf_counter() - start)
 

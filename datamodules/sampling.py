@@ -25,25 +25,51 @@ def mix_seed(*parts: int) -> int:
     return value & 0x7FFFFFFFFFFFFFFF
 
 
+def distributed_rank_and_size() -> tuple[int, int]:
+    """(rank, world size) of the default process group, or (0, 1) outside distributed training."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 class SeededSampler(Sampler):
     """Yields ``(index, item_seed)`` for every item, in a (seed, epoch)-determined order.
 
     ``shuffle=False`` with ``vary_with_epoch=False`` gives the same order and item seeds every epoch
     (validation: losses and pictures comparable across epochs).
+
+    Distributed training: each of the W processes takes every W-th position of the same order (rank r:
+    positions r, r + W, ...). Step t's local batches of size B then together hold exactly positions
+    [t·W·B, (t+1)·W·B) of the order, with the same item seeds — the batch a single process with batch
+    W·B would see, so a run on W devices trains on the same global batches as one device. ``even=True``
+    (training, and evaluation with collective operations) gives every process the same number of items
+    by dropping the last ``len % W``; ``even=False`` keeps every item (uneven shards).
+    The rank and world size are read when iterating, after Lightning has set up the process group.
     """
 
-    def __init__(self, num_items: int, seed: int, shuffle: bool = True, vary_with_epoch: bool = True):
+    def __init__(self, num_items: int, seed: int, shuffle: bool = True, vary_with_epoch: bool = True,
+                 even: bool = True, shard: bool = True):
         self.num_items = num_items
         self.seed = seed
         self.shuffle = shuffle
         self.vary_with_epoch = vary_with_epoch
+        self.even = even
+        self.shard = shard
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _rank_and_size(self) -> tuple[int, int]:
+        return distributed_rank_and_size() if self.shard else (0, 1)
+
+    def _positions(self) -> range:
+        rank, size = self._rank_and_size()
+        end = self.num_items - self.num_items % size if self.even else self.num_items
+        return range(rank, end, size)
+
     def __len__(self) -> int:
-        return self.num_items
+        return len(self._positions())
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch if self.vary_with_epoch else 0
@@ -52,8 +78,8 @@ class SeededSampler(Sampler):
             order = torch.randperm(self.num_items, generator=generator).tolist()
         else:
             order = range(self.num_items)
-        for position, index in enumerate(order):
-            yield index, mix_seed(self.seed, epoch, 1, position)
+        for position in self._positions():
+            yield order[position], mix_seed(self.seed, epoch, 1, position)
 
 
 @contextmanager

@@ -117,7 +117,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=SeededSampler(len(dataset), self.seed, shuffle=train, vary_with_epoch=train),
+            # Evaluation keeps every image (uneven shards across devices; the metrics are synced at epoch end).
+            sampler=SeededSampler(len(dataset), self.seed, shuffle=train, vary_with_epoch=train, even=train),
             drop_last=train,  # BatchNorm in the heads; evaluation sees every image
             collate_fn=collate_full if (not train and self.val_set.full) else None,
             num_workers=self.num_workers,

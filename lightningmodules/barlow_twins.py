@@ -1,11 +1,13 @@
 """Barlow Twins self-supervised pretraining (Zbontar et al., 2021) of a ViT or ResNet backbone."""
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import pytorch_lightning as pl
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from callbacks.finite_loss import record_nonfinite
 from config.hparams import Hparams
@@ -17,6 +19,26 @@ from models.losses import barlow_twins_loss, cross_correlation_terms
 from models.projector import Projector
 from utils.optim import build_optimizer, parameter_groups, rescale_checkpoint_lrs
 from utils.schedule import with_schedule
+
+
+@contextlib.contextmanager
+def batchnorm_stats_frozen(module: nn.Module) -> Iterator[None]:
+    """BatchNorm layers keep normalising with batch statistics but leave their running statistics alone.
+
+    Used while checkpointing recomputes a chunk in the backward pass: the forward pass already updated
+    the running statistics with this chunk, and a second update would count it twice.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0  # running = (1 - 0) · running + 0 · batch statistic
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 class BarlowTwinsModule(pl.LightningModule):
@@ -48,26 +70,69 @@ class BarlowTwinsModule(pl.LightningModule):
     def from_hparams(cls, cfg: Hparams) -> "BarlowTwinsModule":
         return cls(to_dict(cfg))
 
-    def embed(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
+    def backbone_features(self, x: Tensor) -> Tensor:
+        """Backbone embeddings of a batch, in chunks of ``barlow.micro_batch_size`` images when set.
+
+        While training, each chunk runs under non-reentrant activation checkpointing: the forward pass
+        keeps only the chunk's input and output, the backward pass recomputes the chunk's activations
+        (with the RNG state of the first pass, so dropout and stochastic depth draw the same masks) and
+        back-propagates the projector's gradient through them, one chunk at a time. This is gradient
+        caching: the projector and the loss see the whole batch with a graph, the backbone's activation
+        memory is that of one chunk, and the gradients are the whole batch's.
+        """
+        chunk = self.cfg.barlow.micro_batch_size
+        if chunk <= 0 or x.shape[0] <= chunk:
+            return self.backbone(x)
+        if not torch.is_grad_enabled():
+            return torch.cat([self.backbone(part) for part in x.split(chunk)])
+        return torch.cat([
+            checkpoint(self.backbone, part, use_reentrant=False, preserve_rng_state=True,
+                       context_fn=lambda: (contextlib.nullcontext(), batchnorm_stats_frozen(self.backbone)))
+            for part in x.split(chunk)
+        ])
+
+    def features(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
+        """Backbone embeddings of both views, on this device's images only."""
         if self.backbone.batch_coupled:
-            f1, f2 = self.backbone(x1), self.backbone(x2)
-        else:  # one forward pass over both views is faster and, without BatchNorm, identical
-            f1, f2 = self.backbone(torch.cat([x1, x2])).chunk(2)
+            return self.backbone_features(x1), self.backbone_features(x2)
+        # one forward pass over both views is faster and, without BatchNorm, identical
+        return self.backbone_features(torch.cat([x1, x2])).chunk(2)
+
+    def embed(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
+        """Projector outputs of both views of this device's images (no cross-device gathering)."""
+        f1, f2 = self.features(x1, x2)
         # The projector has BatchNorm: each view is normalised over its own batch, as in the official code.
         return self.projector(f1), self.projector(f2)
 
+    def gather_global(self, features: Tensor) -> Tensor:
+        """All devices' features concatenated in rank order, with gradients flowing back to each device.
+
+        The projector and the loss then run on the global batch on every device (replicated, cheap next to
+        the backbone), so its BatchNorm and the cross-correlation see the global batch — the loss equals the
+        single-process loss on the concatenated batch. Backward: each device receives the sum over devices
+        of the gradient w.r.t. its own features (world_size × its share, since every device computed the same
+        loss), and DDP's gradient averaging divides by world_size: the backbone gradients are exactly the
+        single-process ones. (The official code's non-differentiable all_reduce shrinks them by world_size.)
+        """
+        trainer = self._trainer
+        if trainer is None or trainer.world_size <= 1:
+            return features
+        return self.all_gather(features, sync_grads=True).flatten(0, 1)
+
     def shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
         x1, x2 = batch
-        z1, z2 = self.embed(x1, x2)
+        f1, f2 = self.features(x1, x2)
+        z1, z2 = self.projector(self.gather_global(f1)), self.projector(self.gather_global(f2))
+        batch_size = z1.shape[0]
         loss, c = barlow_twins_loss(z1, z2, self.cfg.barlow.lambd)
         on_diag, off_diag = cross_correlation_terms(c.detach())
         self.log_dict(
             {f"{stage}/on_diag": on_diag, f"{stage}/off_diag": off_diag},
-            on_step=stage == "train", on_epoch=True, batch_size=x1.shape[0],
+            on_step=stage == "train", on_epoch=True, batch_size=batch_size,
         )
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=x1.shape[0])
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=batch_size)
         # The loss sums D diagonal and D² − D off-diagonal terms: per dimension it compares across proj_dim.
-        self.log(f"{stage}/loss_per_dim", loss.detach() / c.shape[0], on_step=False, on_epoch=True, batch_size=x1.shape[0])
+        self.log(f"{stage}/loss_per_dim", loss.detach() / c.shape[0], on_step=False, on_epoch=True, batch_size=batch_size)
         return loss, c.detach()
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
@@ -99,7 +164,7 @@ class BarlowTwinsModule(pl.LightningModule):
 TASKS.register("barlow_twins")(
     Task(
         module=BarlowTwinsModule,
-        datamodule=lambda cfg: BarlowTwinsDataModule(cfg.data, cfg.aug, cfg.seed),
+        datamodule=lambda cfg: BarlowTwinsDataModule(cfg.data, cfg.aug, cfg.seed, geometry=cfg.barlow.dense_weight > 0, shared_crop=cfg.barlow.shared_crop),
         monitor="val/loss",
         mode="min",
         metrics=tuple(

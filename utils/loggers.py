@@ -13,9 +13,11 @@ from urllib.parse import urlparse
 
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 
 from config.hparams import Hparams
 from config.loading import to_dict
+from utils.run_dir import global_rank
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ class RunCSVLogger(CSVLogger):
 
     def __init__(self, run_dir: Path, resume_step: Optional[int] = None):
         super().__init__(save_dir=str(run_dir), name="", version="")
-        if resume_step is not None:
+        if resume_step is not None and global_rank() == 0:
             drop_rows_from_step(run_dir / METRICS_FILE, resume_step)
 
     @property
@@ -49,6 +51,7 @@ class RunCSVLogger(CSVLogger):
         return self.root_dir
 
     @property
+    @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             os.makedirs(self.root_dir, exist_ok=True)

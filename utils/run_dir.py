@@ -25,8 +25,44 @@ CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 
 
+# The run name the first process chose, inherited by the processes Lightning's DDP launcher starts (they
+# run main.py again and must write into the same run directory).
+RUN_NAME_ENV = "VITSSL_RUN_NAME"
+
+
+def launch_job_id() -> Optional[str]:
+    """The job id shared by every process of a torchrun or SLURM launch (None for a single process)."""
+    if os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return os.environ["SLURM_JOB_ID"]
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id and run_id != "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return run_id
+    return None
+
+
+def external_launch() -> bool:
+    """Started by torchrun/SLURM as one of several processes (not by Lightning's own launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and RUN_NAME_ENV not in os.environ
+
+
+def global_rank() -> int:
+    from pytorch_lightning.utilities import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
 def default_run_name(cfg: Hparams) -> str:
     backbone = cfg.backbone.name.replace("/", "-")
+    if os.environ.get(RUN_NAME_ENV):
+        return os.environ[RUN_NAME_ENV]
+    if launch_job_id():
+        # Every process of the launch computes the same name (a timestamp could differ between them).
+        return f"{cfg.task}-{backbone}-job{launch_job_id()}"
+    if external_launch():
+        from config.loading import ConfigError
+
+        raise ConfigError("several processes were launched (WORLD_SIZE > 1) without a shared job id: give them "
+                          "one run directory with --log.run_name=NAME (or torchrun --rdzv-id=ID)")
     if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
         # Several agents may start in the same second: the agent's run id keeps their directories apart.
         return f"{cfg.task}-{backbone}-sweep-{os.environ['WANDB_SWEEP_ID']}-{os.environ['WANDB_RUN_ID']}"
@@ -101,6 +137,12 @@ def fresh_run_directory(cfg: Hparams) -> Path:
     run_dir = run_directory(cfg)
     if cfg.trainer.resume or not (run_dir / "config.yaml").exists():
         return run_dir
+    if external_launch():
+        from config.loading import ConfigError
+
+        # Renaming on one process only would split the run over two directories.
+        raise ConfigError(f"run directory {run_dir} already holds a run: continue it with --trainer.resume=auto "
+                          "or choose a new --log.run_name")
     base, n = cfg.log.run_name, 1
     while (Path(cfg.log.output_dir) / f"{base}-{n}" / "config.yaml").exists():
         n += 1
@@ -111,7 +153,11 @@ def fresh_run_directory(cfg: Hparams) -> Path:
 
 
 def prepare_run_dir(cfg: Hparams) -> Path:
+    """Create the run directory (first process only; the others of a distributed run use the same one)."""
+    if global_rank() > 0:
+        return run_directory(cfg)
     run_dir = fresh_run_directory(cfg)
+    os.environ[RUN_NAME_ENV] = cfg.log.run_name
     for sub in (CHECKPOINT_DIR, "media"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     save_code_state(run_dir)

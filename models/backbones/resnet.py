@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torchvision
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from config.hparams import BackboneConfig
@@ -10,14 +11,32 @@ from models.backbones.registry import BACKBONES
 from models.weights import load_into
 
 
-class ResNetBackbone(nn.Module):
-    batch_coupled = True  # BatchNorm: each view gets its own forward pass, as in the official code
+class FrozenStatsBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm that always normalises with its running statistics (never updated) while its affine
+    weight and bias still train: the output of an image does not depend on the rest of the batch, so
+    chunked (micro-batched) and multi-device training equal single-batch training exactly. Meant for
+    initialised backbones (ImageNet or Barlow Twins weights); from scratch it normalises nothing."""
 
-    def __init__(self, model: torchvision.models.ResNet):
+    def forward(self, x: Tensor) -> Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels)
+
+
+NORM_LAYERS = {"batch": nn.BatchNorm2d, "frozen": FrozenStatsBatchNorm2d, "group": group_norm}
+
+
+class ResNetBackbone(nn.Module):
+    def __init__(self, model: torchvision.models.ResNet, norm: str = "batch"):
         super().__init__()
         model.fc = nn.Identity()
         self.model = model
         self.num_features = 2048
+        # With BatchNorm each view gets its own forward pass, as in the official code (its statistics then
+        # describe one view's batch); batch-independent norms let both views share one pass.
+        self.batch_coupled = norm == "batch"
 
     def _apply(self, fn, recurse=True):
         # Channels-last weights and inputs on CUDA: cuDNN's fast NHWC convolutions, especially under bf16.
@@ -33,7 +52,12 @@ class ResNetBackbone(nn.Module):
 @BACKBONES.register("resnet50")
 def build_resnet50(cfg: BackboneConfig, img_size: int) -> ResNetBackbone:
     weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V1 if cfg.pretrained else None
-    backbone = ResNetBackbone(torchvision.models.resnet50(weights=weights))
+    if weights is not None and cfg.resnet_norm == "group":
+        raise ValueError("backbone.resnet_norm=group cannot use the BatchNorm ImageNet weights (backbone.pretrained)")
+    model = torchvision.models.resnet50(norm_layer=NORM_LAYERS[cfg.resnet_norm])
+    if weights is not None:
+        model.load_state_dict(weights.get_state_dict(progress=True))
+    backbone = ResNetBackbone(model, cfg.resnet_norm)
     if cfg.weights:
         # Load after fc is replaced: the backbone has no fc, so a file's fc.* tensors are dropped as a
         # classifier head and a file without them (the official Barlow Twins ResNet-50) has nothing missing.
