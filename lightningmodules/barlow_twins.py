@@ -15,6 +15,7 @@ from config.loading import from_dict, to_dict
 from datamodules.barlow_twins import BarlowTwinsDataModule
 from lightningmodules.registry import TASKS, Task
 from models.backbones import build_backbone
+from models.dense import DenseBarlowTwins
 from models.losses import barlow_twins_loss, cross_correlation_terms
 from models.projector import Projector
 from utils.optim import build_optimizer, parameter_groups, rescale_checkpoint_lrs
@@ -41,6 +42,13 @@ def batchnorm_stats_frozen(module: nn.Module) -> Iterator[None]:
                 m.num_batches_tracked.copy_(tracked)
 
 
+def concat_outputs(outputs: list):
+    """Concatenate chunk outputs along the batch: tensors, or tuples of tensors."""
+    if isinstance(outputs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outputs))
+    return torch.cat(outputs)
+
+
 class BarlowTwinsModule(pl.LightningModule):
     """Backbone + projector trained so that the two views' embeddings cross-correlate to the identity.
 
@@ -57,10 +65,19 @@ class BarlowTwinsModule(pl.LightningModule):
         self.cfg: Hparams = from_dict(config)
         self.backbone = build_backbone(self.cfg.backbone, self.cfg.data.img_size)
         self.projector = Projector(self.backbone.num_features, self.cfg.barlow.proj_dim, self.cfg.barlow.proj_layers)
+        b = self.cfg.barlow
+        # Optional dense term between patch tokens of matching image regions (models/dense.py).
+        self.dense: Optional[DenseBarlowTwins] = None
+        if b.dense_weight > 0:
+            self.dense = DenseBarlowTwins(self.backbone.num_features, b.dense_proj_dim, b.proj_layers,
+                                          b.dense_points, b.lambd)
+        self.last_dense_cross_correlation: Optional[Tensor] = None
+        self.val_dense_cross_correlation: Optional[Tensor] = None
         self.lr = self.cfg.optim.lr  # read by configure_optimizers at call time (LR finder)
         self.last_cross_correlation: Optional[Tensor] = None
         self.val_cross_correlation: Optional[Tensor] = None
         self._val_c_sum: Optional[Tensor] = None
+        self._val_dense_c_sum: Optional[Tensor] = None
         self._val_batches = 0
         # Device-side record of the first step whose loss was not finite (-1: none); read by
         # callbacks.finite_loss.FiniteLossGuard every few steps instead of syncing every step.
@@ -80,27 +97,35 @@ class BarlowTwinsModule(pl.LightningModule):
         caching: the projector and the loss see the whole batch with a graph, the backbone's activation
         memory is that of one chunk, and the gradients are the whole batch's.
         """
+        encode = self.backbone.forward_with_patches if self.dense is not None else self.backbone
         chunk = self.cfg.barlow.micro_batch_size
         if chunk <= 0 or x.shape[0] <= chunk:
-            return self.backbone(x)
+            return encode(x)
         if not torch.is_grad_enabled():
-            return torch.cat([self.backbone(part) for part in x.split(chunk)])
-        return torch.cat([
-            checkpoint(self.backbone, part, use_reentrant=False, preserve_rng_state=True,
+            return concat_outputs([encode(part) for part in x.split(chunk)])
+        return concat_outputs([
+            checkpoint(encode, part, use_reentrant=False, preserve_rng_state=True,
                        context_fn=lambda: (contextlib.nullcontext(), batchnorm_stats_frozen(self.backbone)))
             for part in x.split(chunk)
         ])
 
-    def features(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
-        """Backbone embeddings of both views, on this device's images only."""
+    def features(self, x1: Tensor, x2: Tensor):
+        """Backbone embeddings of both views, on this device's images only. With the dense term on, each
+        view's features are a pair (embedding (B, D), patch-token grid (B, D, h, w))."""
         if self.backbone.batch_coupled:
             return self.backbone_features(x1), self.backbone_features(x2)
         # one forward pass over both views is faster and, without BatchNorm, identical
-        return self.backbone_features(torch.cat([x1, x2])).chunk(2)
+        both = self.backbone_features(torch.cat([x1, x2]))
+        if isinstance(both, tuple):
+            (f1, f2), (p1, p2) = (t.chunk(2) for t in both)
+            return (f1, p1), (f2, p2)
+        return both.chunk(2)
 
     def embed(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
         """Projector outputs of both views of this device's images (no cross-device gathering)."""
         f1, f2 = self.features(x1, x2)
+        if self.dense is not None:
+            f1, f2 = f1[0], f2[0]
         # The projector has BatchNorm: each view is normalised over its own batch, as in the official code.
         return self.projector(f1), self.projector(f2)
 
@@ -119,40 +144,68 @@ class BarlowTwinsModule(pl.LightningModule):
             return features
         return self.all_gather(features, sync_grads=True).flatten(0, 1)
 
-    def shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
-        x1, x2 = batch
+    def shared_step(self, batch, stage: str) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Loss, global cross-correlation matrix and (dense term on) the dense one, both detached."""
+        x1, x2, *geometry = batch
         f1, f2 = self.features(x1, x2)
+        dense_c = None
+        if self.dense is not None:
+            if not geometry:
+                raise ValueError("barlow.dense_weight > 0 needs batches (x1, x2, g1, g2) with crop geometry: "
+                                 "build the datamodule with geometry=True")
+            (f1, patches1), (f2, patches2) = f1, f2
+            points = self.dense.point_features(patches1, patches2, *geometry)
+            dense_loss, dense_c = self.dense.loss(*(self.gather_global(t) for t in points))
         z1, z2 = self.projector(self.gather_global(f1)), self.projector(self.gather_global(f2))
         batch_size = z1.shape[0]
-        loss, c = barlow_twins_loss(z1, z2, self.cfg.barlow.lambd)
+        global_loss, c = barlow_twins_loss(z1, z2, self.cfg.barlow.lambd)
+        self.log_terms(stage, "", global_loss, c, batch_size)
+        loss = global_loss
+        if dense_c is not None:
+            self.log_terms(stage, "dense_", dense_loss, dense_c, batch_size)
+            self.log(f"{stage}/global_loss", global_loss.detach(), on_step=stage == "train", on_epoch=True,
+                     batch_size=batch_size)
+            loss = global_loss + self.cfg.barlow.dense_weight * dense_loss
+            dense_c = dense_c.detach()
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=batch_size)
+        return loss, c.detach(), dense_c
+
+    def log_terms(self, stage: str, prefix: str, loss: Tensor, c: Tensor, batch_size: int) -> None:
+        """Diagonal and off-diagonal sums of one cross-correlation matrix, and its loss per dimension."""
         on_diag, off_diag = cross_correlation_terms(c.detach())
         self.log_dict(
-            {f"{stage}/on_diag": on_diag, f"{stage}/off_diag": off_diag},
+            {f"{stage}/{prefix}on_diag": on_diag, f"{stage}/{prefix}off_diag": off_diag},
             on_step=stage == "train", on_epoch=True, batch_size=batch_size,
         )
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=batch_size)
+        if prefix:
+            self.log(f"{stage}/{prefix}loss", loss.detach(), on_step=stage == "train", on_epoch=True,
+                     batch_size=batch_size)
         # The loss sums D diagonal and D² − D off-diagonal terms: per dimension it compares across proj_dim.
-        self.log(f"{stage}/loss_per_dim", loss.detach() / c.shape[0], on_step=False, on_epoch=True, batch_size=batch_size)
-        return loss, c.detach()
+        self.log(f"{stage}/{prefix}loss_per_dim", loss.detach() / c.shape[0], on_step=False, on_epoch=True,
+                 batch_size=batch_size)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        loss, c = self.shared_step(batch, "train")
-        self.last_cross_correlation = c
+        loss, c, dense_c = self.shared_step(batch, "train")
+        self.last_cross_correlation, self.last_dense_cross_correlation = c, dense_c
         record_nonfinite(self, loss)
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        self._val_c_sum, self._val_batches = None, 0
+        self._val_c_sum, self._val_dense_c_sum, self._val_batches = None, None, 0
 
     def validation_step(self, batch, batch_idx: int) -> Tensor:
-        loss, c = self.shared_step(batch, "val")
+        loss, c, dense_c = self.shared_step(batch, "val")
         self._val_c_sum = c if self._val_c_sum is None else self._val_c_sum + c
+        if dense_c is not None:
+            self._val_dense_c_sum = dense_c if self._val_dense_c_sum is None else self._val_dense_c_sum + dense_c
         self._val_batches += 1
         return loss
 
     def on_validation_epoch_end(self) -> None:
         if self._val_batches:
             self.val_cross_correlation = self._val_c_sum / self._val_batches
+            if self._val_dense_c_sum is not None:
+                self.val_dense_cross_correlation = self._val_dense_c_sum / self._val_batches
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         rescale_checkpoint_lrs(checkpoint, [g["lr"] for g in parameter_groups(self, self.cfg.optim, self.lr)])
@@ -164,7 +217,8 @@ class BarlowTwinsModule(pl.LightningModule):
 TASKS.register("barlow_twins")(
     Task(
         module=BarlowTwinsModule,
-        datamodule=lambda cfg: BarlowTwinsDataModule(cfg.data, cfg.aug, cfg.seed, geometry=cfg.barlow.dense_weight > 0, shared_crop=cfg.barlow.shared_crop),
+        datamodule=lambda cfg: BarlowTwinsDataModule(cfg.data, cfg.aug, cfg.seed, geometry=cfg.barlow.dense_weight > 0,
+                                                     shared_crop=cfg.barlow.shared_crop),
         monitor="val/loss",
         mode="min",
         metrics=tuple(

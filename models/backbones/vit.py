@@ -69,11 +69,20 @@ class ViTBackbone(nn.Module):
         self.num_features = vit.embed_dim
         self.patch_size = vit.patch_embed.patch_size[0]
 
-    def forward(self, x: Tensor) -> Tensor:
-        tokens = self.vit.forward_features(x)
+    def pool(self, tokens: Tensor) -> Tensor:
         if self.global_pool == "token":
             return tokens[:, 0]
         return tokens[:, self.vit.num_prefix_tokens:].mean(dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pool(self.vit.forward_features(x))
+
+    def forward_with_patches(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The image embedding (B, D) and the final patch-token grid (B, D, H/p, W/p) of one forward pass."""
+        tokens = self.vit.forward_features(x)
+        rows, cols = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        patches = tokens[:, self.vit.num_prefix_tokens:].unflatten(1, (rows, cols)).permute(0, 3, 1, 2)
+        return self.pool(tokens), patches
 
 
 def load_vit_weights(vit: VisionTransformer, path: str, strict: bool) -> None:
