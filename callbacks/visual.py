@@ -179,8 +179,10 @@ def backbone_of(pl_module: pl.LightningModule) -> Optional[torch.nn.Module]:
 
 
 def vit_of(pl_module: pl.LightningModule):
-    """The timm VisionTransformer inside the module, or None for a CNN backbone."""
-    return getattr(backbone_of(pl_module), "vit", None)
+    """The timm VisionTransformer inside the module, or None for a CNN backbone (or the attention-less
+    raw-pixel baseline, models/backbones/pixels.py)."""
+    vit = getattr(backbone_of(pl_module), "vit", None)
+    return vit if getattr(vit, "has_attention", True) else None
 
 
 def cnn_of(pl_module: pl.LightningModule) -> Optional[torch.nn.Module]:

@@ -355,3 +355,23 @@ def test_official_barlow_twins_resnet50_format_loads_cleanly(torchvision_resnet_
     # load_into's own report on the backbone's torchvision module agrees.
     report = load_into(bb.model, path, strict=True)
     assert report.loaded == len(src) and not report.missing and not report.unexpected
+
+
+def test_pixels_backbone_tokens_are_the_raw_patches():
+    """backbone.name=pixels: each patch token is the patch's pixels (channel-major), through the same
+    forward_intermediates call the segmenter makes; no trainable parameters."""
+    from models.backbones import build_backbone, is_vit
+    from models.backbones.vit import resolve_architecture
+
+    cfg = BackboneConfig(name="pixels", patch_size=4)
+    assert is_vit("pixels") and resolve_architecture(cfg) == {"depth": 1, "embed_dim": 48, "num_heads": 1, "patch_size": 4}
+    bb = build_backbone(cfg, 16)
+    x = torch.randn(2, 3, 16, 12)
+    (grid,) = bb.vit.forward_intermediates(x, indices=[0], norm=True, stop_early=True, output_fmt="NCHW",
+                                           intermediates_only=True)
+    assert grid.shape == (2, 48, 4, 3)
+    for i in range(4):
+        for j in range(3):
+            expected = x[:, :, 4 * i:4 * i + 4, 4 * j:4 * j + 4].reshape(2, 48)
+            assert torch.equal(grid[:, :, i, j], expected)
+    assert not any(p.requires_grad for p in bb.parameters())

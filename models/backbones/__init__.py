@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from config.hparams import BackboneConfig
+from models.backbones import pixels as _pixels  # noqa: F401  (registers 'pixels')
 from models.backbones import resnet as _resnet  # noqa: F401  (registers 'resnet50')
 from models.backbones import vit as _vit  # noqa: F401  (registers 'vit')
 from models.backbones.registry import BACKBONES
@@ -17,7 +18,8 @@ from utils.registry import UnknownNameError
 
 
 def is_vit(name: str) -> bool:
-    return name == "vit" or name in timm_vit_names()
+    """A timm VisionTransformer (ViT heads and attention callbacks apply); 'pixels' is one in shape."""
+    return name in ("vit", "pixels") or name in timm_vit_names()
 
 
 def check_backbone_name(name: str) -> None:
