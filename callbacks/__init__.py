@@ -1,5 +1,5 @@
 """Optional training behaviour, each in its own callback; :func:`visualisation_callbacks` builds the
-pictures the config asks for."""
+pictures and the during-training measurements (emergence Jaccard, online probe) the config asks for."""
 from __future__ import annotations
 
 import pytorch_lightning as pl
@@ -31,6 +31,15 @@ def visualisation_callbacks(cfg: Hparams) -> list[pl.Callback]:
             from callbacks.views import ViewPairsCallback
 
             out.append(ViewPairsCallback(**common))
+        if c.emergence:
+            from callbacks.emergence import EmergenceCallback
+
+            out.append(EmergenceCallback(num_images=c.emergence_images, every_n_epochs=c.emergence_every_n_epochs,
+                                         keep=c.attention_keep))
+        if c.online_probe:
+            from callbacks.online_probe import OnlineProbeCallback
+
+            out.append(OnlineProbeCallback.from_hparams(cfg))
     if cfg.task == "segmentation" and c.predictions:
         from callbacks.predictions import PredictionsCallback
 

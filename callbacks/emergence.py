@@ -1,0 +1,232 @@
+"""``val/attn_jaccard``: DINO's emergence number, tracked during Barlow Twins pretraining of a ViT.
+
+On a fixed, evenly spaced subset of the validation images that have segmentation masks (the same images
+every time; images resized to ``data.img_size`` as the network sees them, masks kept at their own
+resolution), the last block's CLS-attention heads are thresholded to ``--callbacks.attention_keep`` of
+their mass and scored against the ground-truth objects (:mod:`utils.emergence`: best head per object,
+mean over objects, then images; a fraction, DINO's ViT-S/16 reaches 0.459 on VOC12 val). Objects are
+instances from ``SegmentationObject`` when the dataset has that mask, else one per class of
+``SegmentationClass``.
+
+Measured before training starts (step 0), after every ``--callbacks.emergence_every_n_epochs`` epochs and
+after the last one, at the end of a training epoch: no gradients, the model in eval mode then back in its
+own modes, never inside the training step, no random numbers drawn. Logged at ``trainer.global_step`` to
+every logger (metrics.csv and wandb): ``val/attn_jaccard`` and each head's own score
+``val/attn_jaccard_head<h>``. The latest measurement is kept in checkpoints, so that a resumed run can
+write it back to metrics.csv (see :func:`rewrite_after_resume`).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Mapping, Optional
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from callbacks.visual import eval_mode, vit_of
+from utils.attention import cls_attention
+from utils.emergence import EmergenceScore, emergence_jaccard
+
+log = logging.getLogger(__name__)
+
+CHUNK = 32  # images per attention forward pass (bounds activation memory at 224 px and beyond)
+
+
+# -- logging outside Lightning's self.log ------------------------------------------------------------
+def tuning(trainer: pl.Trainer) -> bool:
+    """True while Lightning's batch-size or LR search runs (its finder callback is in the trainer): those
+    trial steps are thrown away (the tuner restores the state afterwards) and their loggers are no-ops, so
+    measuring there would only cost time."""
+    from pytorch_lightning.callbacks import BatchSizeFinder, LearningRateFinder
+
+    return any(isinstance(callback, (BatchSizeFinder, LearningRateFinder)) for callback in trainer.callbacks)
+
+
+def log_now(trainer: pl.Trainer, metrics: Mapping[str, float], only_csv: bool = False) -> None:
+    """Write scalars to every logger (or only the CSV ones) at ``trainer.global_step``, from any hook
+    (``self.log`` is not allowed in ``on_train_start``/``on_train_end``, and would average over an epoch);
+    rank zero only."""
+    from pytorch_lightning.loggers import CSVLogger
+
+    if not trainer.is_global_zero:
+        return
+    values = {key: float(value) for key, value in metrics.items()}
+    for logger in trainer.loggers:
+        if not only_csv or isinstance(logger, CSVLogger):
+            logger.log_metrics(values, step=trainer.global_step)
+
+
+def rewrite_after_resume(trainer: pl.Trainer, last: Optional[dict]) -> None:
+    """Write a restored measurement (``{"step", "metrics"}``) again to metrics.csv if it was taken at the
+    checkpoint's step.
+
+    A measurement at the end of an epoch is logged at ``trainer.global_step`` before that epoch's checkpoint
+    is written, so it shares the checkpoint's step; on resume the CSV logger drops every row from that step
+    on (they would otherwise be logged twice) and the resumed run does not measure there again. wandb keeps
+    its rows, so only the CSV loggers get it back.
+    """
+    if last is not None and trainer.ckpt_path is not None and last["step"] == trainer.global_step:
+        log_now(trainer, last["metrics"], only_csv=True)
+
+
+# -- the fixed image set --------------------------------------------------------------------------------
+def label_path(root: Path, image_id: str) -> Optional[Path]:
+    """The image's instance mask (``SegmentationObject``) if present, else its class mask, else None."""
+    from datamodules.voc import voc_dir
+
+    for folder in ("SegmentationObject", "SegmentationClass"):
+        path = voc_dir(root) / folder / f"{image_id}.png"
+        if path.is_file():
+            return path
+    return None
+
+
+def emergence_ids(root: Path, limit: int) -> list[str]:
+    """At most ``limit`` validation ids with a mask, evenly spaced over the val split (deterministic)."""
+    from datamodules.barlow_twins import evenly_spaced
+    from datamodules.voc import read_split
+
+    return evenly_spaced([i for i in read_split(root, "val") if label_path(root, i) is not None], limit)
+
+
+def load_labels(path: Path) -> Tensor:
+    """A VOC palette PNG of ids (class or instance ids, 0 background, 255 void) as uint8 (h, w)."""
+    from datamodules.segmentation import load_mask
+
+    return load_mask(path, num_classes=255)  # instance ids go beyond the 21 classes; 255 stays void
+
+
+def load_emergence_set(root: Path, ids: list[str], img_size: int) -> tuple[Tensor, list[Tensor]]:
+    """Images (N, 3, img_size, img_size), normalised as for evaluation, and their label maps at the masks'
+    own resolution. A mask whose size differs from its image's is a DataError naming the file."""
+    from datamodules.images import DataError, load_rgb
+    from datamodules.transforms import segmentation_eval_transform
+    from datamodules.voc import image_path
+
+    transform = segmentation_eval_transform(img_size)
+    images, labels = [], []
+    for image_id in ids:
+        image, path = load_rgb(image_path(root, image_id)), label_path(root, image_id)
+        label = load_labels(path)
+        if tuple(image.shape[-2:]) != tuple(label.shape):
+            raise DataError(f"mask {path} is {tuple(label.shape)} but its image is {tuple(image.shape[-2:])}")
+        images.append(transform(image))
+        labels.append(label)
+    return torch.stack(images), labels
+
+
+# -- measuring -----------------------------------------------------------------------------------------
+def attention_maps(vit, images: Tensor, device: torch.device, chunk: int = CHUNK) -> Tensor:
+    """Last-block CLS attention (N, heads, h, w) on the CPU, computed ``chunk`` images at a time."""
+    return torch.cat([cls_attention(vit, part.to(device), block=-1).cpu() for part in images.split(chunk)])
+
+
+def score_metrics(score: EmergenceScore) -> dict[str, float]:
+    return {"val/attn_jaccard": score.jaccard,
+            **{f"val/attn_jaccard_head{h}": float(v) for h, v in enumerate(score.per_head)}}
+
+
+class EmergenceCallback(pl.Callback):
+    """Logs ``val/attn_jaccard`` (see the module docstring); disables itself, with a warning, when the
+    backbone is not a ViT with a class token or the validation split has no masks."""
+
+    def __init__(self, num_images: int = 64, every_n_epochs: int = 1, keep: float = 0.6):
+        if num_images < 1 or every_n_epochs < 1 or not 0 < keep <= 1:
+            raise ValueError(f"num_images and every_n_epochs must be >= 1 and keep in (0, 1]; got {num_images}, "
+                             f"{every_n_epochs}, {keep}")
+        self.num_images = num_images
+        self.every_n_epochs = every_n_epochs
+        self.keep = keep
+        self.enabled = True
+        self._data: Optional[tuple[Tensor, list[Tensor]]] = None
+        self.last_logged: Optional[dict] = None  # {"step": global step, "metrics": {...}} of the latest measurement
+        self._restored: Optional[dict] = None
+        self.history: list[tuple[int, float]] = []  # (global step, val/attn_jaccard), this process's measurements
+
+    # -- checks --------------------------------------------------------------------------------------
+    def problem(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[str]:
+        vit = vit_of(pl_module)
+        if vit is None:
+            return "it needs a ViT backbone (this run's backbone is a CNN, which has no attention)"
+        if getattr(vit, "cls_token", None) is None:
+            return "it scores the CLS token's attention, and this ViT has no class token"
+        if getattr(trainer.datamodule, "root", None) is None:
+            return "the datamodule has no VOC root to read validation masks from"
+        return None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        problem = self.problem(trainer, pl_module)
+        if problem:
+            log.warning("emergence Jaccard (val/attn_jaccard) is off: %s", problem)
+            self.enabled = False
+
+    # -- data ----------------------------------------------------------------------------------------
+    def data(self, trainer: pl.Trainer) -> Optional[tuple[Tensor, list[Tensor]]]:
+        """The fixed images and label maps, loaded once (CPU)."""
+        if self._data is None:
+            datamodule = trainer.datamodule
+            root = Path(datamodule.root)
+            ids = emergence_ids(root, self.num_images)
+            if not ids:
+                log.warning("emergence Jaccard (val/attn_jaccard) is off: no validation image under %s has a "
+                            "SegmentationObject or SegmentationClass mask", root)
+                self.enabled = False
+                return None
+            self._data = load_emergence_set(root, ids, datamodule.cfg.img_size)
+        return self._data
+
+    # -- schedule ------------------------------------------------------------------------------------
+    def active(self, trainer: pl.Trainer) -> bool:
+        return self.enabled and trainer.is_global_zero and not trainer.sanity_checking and not tuning(trainer)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        restored, self._restored = self._restored, None
+        if not self.active(trainer):
+            return
+        if trainer.global_step == 0:
+            self.measure(trainer, pl_module)
+        elif restored is not None:
+            self.last_logged = restored
+            rewrite_after_resume(trainer, restored)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.active(trainer) and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.measure(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.active(trainer) and (self.last_logged or {}).get("step") != trainer.global_step:
+            self.measure(trainer, pl_module)  # the final value, whatever the period
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"last_logged": self.last_logged} if self.last_logged else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restored = state_dict.get("last_logged")
+
+    # -- work ----------------------------------------------------------------------------------------
+    def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[EmergenceScore]:
+        data = self.data(trainer)
+        if data is None:
+            return None
+        images, labels = data
+        with torch.no_grad(), eval_mode(pl_module):
+            attn = attention_maps(vit_of(pl_module), images, pl_module.device)
+        return emergence_jaccard(attn, labels, self.keep)
+
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[EmergenceScore]:
+        score = self.compute(trainer, pl_module)
+        if score is None:
+            return None
+        if score.images == 0:
+            log.warning("emergence Jaccard (val/attn_jaccard) is off: none of its %d validation images has an "
+                        "object (their masks are background and void only)", len(self._data[1]))
+            self.enabled = False
+            return score
+        metrics = score_metrics(score)
+        self.last_logged = {"step": trainer.global_step, "metrics": metrics}
+        self.history.append((trainer.global_step, score.jaccard))
+        log_now(trainer, metrics)
+        return score
