@@ -204,7 +204,8 @@ class SegmentationConfig:
     """Semantic segmentation on VOC 2012 (task=segmentation): frozen backbone + a light head."""
 
     head: str = "setr_naive"
-    """ViT heads on the patch tokens: 'linear', 'setr_naive', 'setr_pup', 'setr_mla'; ResNet-50: 'deeplabv3'."""
+    """ViT heads on the patch tokens: 'linear', 'setr_naive', 'setr_pup', 'setr_mla', 'attn_fusion' (patch
+    tokens fused with maps derived from the last block's attention); ResNet-50: 'deeplabv3'."""
 
     num_classes: int = 21
     """Output classes (VOC: background + 20); label 255 is ignored."""

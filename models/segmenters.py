@@ -1,7 +1,9 @@
 """Segmentation models: a backbone + a head, returning logits at the input resolution.
 
 * ViT backbones feed the patch-token grids of chosen blocks (CLS dropped) to a head from
-  ``models.heads.HEADS`` (linear, setr_naive, setr_pup, setr_mla).
+  ``models.heads.HEADS`` (linear, setr_naive, setr_pup, setr_mla, attn_fusion). A head that declares
+  ``needs_attention`` (attn_fusion) also gets those blocks' softmax attention, recorded during the same
+  backbone pass (one pass per forward; the other heads pay nothing for it).
 * ResNet-50 is used inside torchvision's DeepLabV3 (dilated, output stride 8), as in the report's Table 1.
 
 A frozen backbone runs in eval mode under ``torch.no_grad()``: no graph, no gradients, no BatchNorm
@@ -22,6 +24,7 @@ from models.backbones import build_backbone, is_vit
 from models.backbones.vit import ViTBackbone
 from models.heads import HEADS, head_levels
 from models.weights import load_into
+from utils.attention import BlockAttention, block_attention, recorded_attention_inputs
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,7 @@ class ViTSegmenter(Segmenter):
     def __init__(self, backbone: ViTBackbone, head: nn.Module, levels: list[int], freeze_backbone: bool = True):
         super().__init__(freeze_backbone)
         self.backbone, self.head, self.levels = backbone, head, levels
+        self.needs_attention = bool(getattr(head, "needs_attention", False))
         self.freeze()
 
     def features(self, x: Tensor) -> list[Tensor]:
@@ -68,8 +72,22 @@ class ViTSegmenter(Segmenter):
                 x, indices=self.levels, norm=True, stop_early=True, output_fmt="NCHW", intermediates_only=True
             )
 
+    def features_and_attention(self, x: Tensor) -> tuple[list[Tensor], list[BlockAttention]]:
+        """:meth:`features` plus the softmax attention of the same blocks, from one backbone pass (the
+        attention inputs are recorded on the way, the probabilities recomputed from the block weights:
+        fused attention stays on). Without gradients for a frozen backbone, like the features."""
+        vit = self.backbone.vit
+        with self._features_context(), recorded_attention_inputs(vit, self.levels) as inputs:
+            feats = self.features(x)
+            grid = tuple(feats[0].shape[-2:])
+            attentions = [block_attention(vit, i, inputs[i], grid) for i in self.levels]
+        return feats, attentions
+
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        logits = self.head(self.features(x))
+        if self.needs_attention:
+            logits = self.head(*self.features_and_attention(x))
+        else:
+            logits = self.head(self.features(x))
         if logits.shape[-2:] != x.shape[-2:]:
             logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return {"out": logits}
@@ -151,7 +169,14 @@ def build_vit_segmenter(cfg: Hparams) -> ViTSegmenter:
     seg = cfg.segmentation
     backbone = build_backbone(cfg.backbone, cfg.data.img_size)
     levels = head_levels(seg.head, len(backbone.vit.blocks), seg)
-    head = HEADS.get(seg.head)(backbone.num_features, seg.num_classes, backbone.patch_size, seg, num_levels=len(levels))
+    factory = HEADS.get(seg.head)
+    extra = {}
+    if getattr(factory, "needs_attention", False):
+        if getattr(backbone.vit, "cls_token", None) is None:
+            raise ValueError(f"--segmentation.head={seg.head} reads the CLS token's attention; {cfg.backbone.name} "
+                             "has no class token")
+        extra["num_heads"] = backbone.vit.blocks[levels[-1]].attn.num_heads
+    head = factory(backbone.num_features, seg.num_classes, backbone.patch_size, seg, num_levels=len(levels), **extra)
     if seg.head_weights:
         load_into(head, seg.head_weights, strict=cfg.backbone.strict_weights, prefixes=("model.head.", "head."))
     return ViTSegmenter(backbone, head, levels, seg.freeze_backbone)

@@ -6,15 +6,25 @@ own weights: one forward pass (no gradients, eval mode) stops at the input of th
 attention module, then ``softmax(q_cls · kᵀ · scale)`` is evaluated for the CLS query only, exactly as the
 unfused timm code path does (``qkv`` projection, ``q_norm``/``k_norm``, scale, softmax). ``fused_attn`` is
 never touched.
+
+The full matrix (every query, not only the CLS one) is what attention-aware segmentation heads read:
+:func:`recorded_attention_inputs` records the attention inputs of chosen blocks during *any* forward pass of
+the model (so a segmenter gets its features and the attention from one backbone pass),
+:func:`block_attention` turns a recorded input into a :class:`BlockAttention` (the softmax probabilities
+plus where the prefix tokens end and the patch grid), and :func:`block_attentions` does both for a batch
+of images on its own, like :func:`cls_attentions`.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["cls_attention", "cls_attentions", "mass_threshold_masks", "resolve_block"]
+__all__ = ["BlockAttention", "attention_probabilities", "block_attention", "block_attentions", "cls_attention",
+           "cls_attentions", "mass_threshold_masks", "recorded_attention_inputs", "resolve_block"]
 
 
 class _Stop(Exception):
@@ -159,3 +169,97 @@ def mass_threshold_masks(attn: Tensor, keep: float = 0.6) -> Tensor:
     mask = torch.zeros_like(kept_sorted).scatter(-1, order, kept_sorted)
     return mask.reshape(attn.shape)
 
+
+
+# ------------------------------------------------------------------------------ full attention matrices
+@dataclass(frozen=True)
+class BlockAttention:
+    """The softmax attention of one block: ``probs`` (B, heads, N, N) float32, rows are queries and sum to 1,
+    over N = ``num_prefix_tokens`` (CLS, registers) + rows·cols patch tokens in timm's order."""
+
+    probs: Tensor
+    num_prefix_tokens: int
+    grid: tuple[int, int]
+
+    @property
+    def cls(self) -> Tensor:
+        """CLS → patch attention (B, heads, rows, cols), not renormalised: what :func:`cls_attention` returns."""
+        p = self.num_prefix_tokens
+        return self.probs[:, :, 0, p:].reshape(*self.probs.shape[:2], *self.grid)
+
+    @property
+    def patches(self) -> Tensor:
+        """Patch → patch attention (B, heads, n, n), n = rows·cols in row-major order, query first; not
+        renormalised (each row plus the patch's attention to the prefix tokens sums to 1)."""
+        p = self.num_prefix_tokens
+        return self.probs[:, :, p:, p:]
+
+
+def attention_probabilities(attn: nn.Module, x: Tensor) -> Tensor:
+    """``softmax(q · kᵀ · scale)`` of a timm attention module for its input ``x`` (B, N, dim): (B, heads, N, N).
+
+    The same computation as :func:`cls_attention` for every query instead of the CLS one (``qkv``,
+    ``q_norm``/``k_norm``, scale), with the logits and softmax in float32 even under autocast (the
+    ``qkv`` projection itself runs as the model runs it). Gradients flow when ``x`` carries them.
+    """
+    batch, tokens, _ = x.shape
+    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        logits = (q.float() * attn.scale) @ k.float().transpose(-2, -1)
+        return logits.softmax(dim=-1)
+
+
+@contextmanager
+def recorded_attention_inputs(vit: nn.Module, blocks: Iterable[int]) -> Iterator[dict[int, Tensor]]:
+    """Within the ``with`` block, every forward pass of ``vit`` records the input of the attention module of
+    ``blocks`` (0-based, negative from the end) into the yielded dict {resolved index: (B, N, dim)}; a later
+    pass overwrites an earlier one. The hooks only read: the forward pass (fused attention included) is
+    unchanged, and they are removed on exit."""
+    indices = sorted({resolve_block(vit, b) for b in blocks})
+    captured: dict[int, Tensor] = {}
+
+    def hook_for(index: int):
+        def hook(module, args):
+            captured[index] = args[0]
+        return hook
+
+    handles = [_attention_module(vit, i).register_forward_pre_hook(hook_for(i)) for i in indices]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def block_attention(vit: nn.Module, block: int, x: Tensor, grid: tuple[int, int]) -> BlockAttention:
+    """The :class:`BlockAttention` of block ``block`` from its recorded attention input ``x`` (see
+    :func:`recorded_attention_inputs`) on a rows × cols patch grid; RuntimeError if the token count differs."""
+    index = resolve_block(vit, block)
+    prefix = vit.num_prefix_tokens
+    rows, cols = grid
+    if x.shape[1] != prefix + rows * cols:
+        raise RuntimeError(f"block {index} sees {x.shape[1]} tokens, expected {prefix} prefix + {rows}x{cols} patches")
+    return BlockAttention(attention_probabilities(_attention_module(vit, index), x), prefix, (rows, cols))
+
+
+@torch.no_grad()
+def block_attentions(vit: nn.Module, images: Tensor, blocks: Iterable[int]) -> dict[int, BlockAttention]:
+    """The full attention of several blocks from one forward pass (no gradients, eval mode, the model's modes
+    restored, stopping after the last requested block): {resolved block index: :class:`BlockAttention`}.
+    Same input checks as :func:`cls_attention`; ``result[i].cls`` equals ``cls_attention(vit, images, i)``."""
+    indices = sorted({resolve_block(vit, b) for b in blocks})
+    if not indices:
+        return {}
+    grid = _check_inputs(vit, images)
+    modes = [(m, m.training) for m in vit.modules()]
+    try:
+        vit.eval()
+        weight = vit.patch_embed.proj.weight
+        with recorded_attention_inputs(vit, indices) as inputs:
+            vit.forward_intermediates(images.to(device=weight.device, dtype=weight.dtype), indices=[indices[-1]],
+                                      stop_early=True, intermediates_only=True)
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    return {i: block_attention(vit, i, inputs[i], grid) for i in indices}

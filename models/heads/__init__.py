@@ -3,10 +3,14 @@
 ``HEADS.get(name)(in_dim, num_classes, patch_size, cfg, num_levels=len(levels))`` builds a head, where
 ``levels = head_levels(name, depth, cfg)`` are the ViT blocks whose patch-token grids it consumes, e.g.
 ``vit.forward_intermediates(x, indices=levels, output_fmt="NCHW", intermediates_only=True)``.
-Heads: 'linear', 'setr_naive', 'setr_pup', 'setr_mla' (one file each; see ``registry.py`` for the protocol).
+Heads: 'linear', 'setr_naive', 'setr_pup', 'setr_mla', 'attn_fusion' (one file each; see ``registry.py`` for
+the protocol). A factory with ``needs_attention = True`` ('attn_fusion') is also given ``num_heads=`` (the
+backbone's attention heads per block), and its module is called as ``head(features, attentions)`` with the
+softmax attention of the same blocks (``utils.attention.BlockAttention``).
 """
 from __future__ import annotations
 
+from models.heads import attn_fusion as _attn_fusion  # noqa: F401  (registers 'attn_fusion')
 from models.heads import linear as _linear  # noqa: F401  (registers 'linear')
 from models.heads import setr_mla as _setr_mla  # noqa: F401  (registers 'setr_mla')
 from models.heads import setr_naive as _setr_naive  # noqa: F401  (registers 'setr_naive')
