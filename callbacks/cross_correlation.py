@@ -14,10 +14,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from torch.utils.data import default_collate
-
 from callbacks.visual import eval_mode, save_figure, subplots, wait_for_pictures
-from datamodules.sampling import SeededSampler
 from models.losses import barlow_twins_loss
 
 # Fixed scale: 0 sits at the cyan-blue third of "jet", 1 at its red end; negative values stay blue.
@@ -96,10 +93,8 @@ class CrossCorrelationCallback(pl.Callback):
         if dm is None or getattr(dm, "val_set", None) is None or len(dm.val_set) < 2:
             return None
         # One validation batch read in this process (no DataLoader workers to start), same seeded views
-        # as the validation loader's first batch.
-        sampler = SeededSampler(len(dm.val_set), dm.seed, shuffle=False, vary_with_epoch=False)
-        keys = [key for _, key in zip(range(min(dm.batch_size, len(dm.val_set))), sampler)]
-        x1, x2 = default_collate([dm.val_set[key] for key in keys])
+        # as the validation loader's first batch, finished on the CPU in either augmentation mode.
+        x1, x2 = dm.validation_views(dm.batch_size)[:2]
         with torch.no_grad(), eval_mode(pl_module):
             z1, z2 = pl_module.embed(x1.to(pl_module.device), x2.to(pl_module.device))
             _, c = barlow_twins_loss(z1, z2, pl_module.cfg.barlow.lambd)

@@ -10,9 +10,10 @@ class ViewPairsCallback(VisualisationCallback):
     def render(self, trainer, pl_module, tag: str):
         from callbacks.visual import save_figure, subplots
 
-        # The validation loader's views are seeded per image: the same pairs every time.
-        x1, x2 = next(iter(trainer.datamodule.val_dataloader()))
-        n = min(self.num_images, x1.shape[0])
+        # The validation loader's first views (seeded per image: the same pairs every time), finished on
+        # the CPU in either augmentation mode.
+        x1, x2 = trainer.datamodule.validation_views(self.num_images)[:2]
+        n = x1.shape[0]
         v1, v2 = denormalise(x1[:n]), denormalise(x2[:n])
         fig, axes = subplots(2, n, figsize=(2.2 * n, 4.6), squeeze=False)
         for i in range(n):

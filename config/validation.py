@@ -12,6 +12,7 @@ from utils.registry import UnknownNameError
 
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "ddp_notebook")
 VIT_ONLY_FIELDS = ("depth", "embed_dim", "num_heads", "patch_size")
 
 
@@ -68,6 +69,11 @@ def validate_backbone(cfg: Hparams) -> None:
         raise ConfigError(f"--backbone.drop_path_rate must be in [0, 1), got {b.drop_path_rate}")
     if b.weights and not Path(b.weights).is_file():
         raise ConfigError(f"--backbone.weights: file {b.weights!r} does not exist")
+    if b.resnet_norm != "batch" and b.name != "resnet50":
+        raise ConfigError(f"--backbone.resnet_norm applies to resnet50 only, not {b.name!r}; leave it at 'batch'")
+    if b.resnet_norm == "group" and b.pretrained:
+        raise ConfigError("--backbone.resnet_norm=group cannot load the BatchNorm ImageNet weights of "
+                          "--backbone.pretrained; use resnet_norm=batch or frozen")
 
 
 def validate_data(cfg: Hparams) -> None:
@@ -87,6 +93,8 @@ def validate_data(cfg: Hparams) -> None:
 
 
 def validate_augment(cfg: Hparams) -> None:
+    from datamodules.transforms import blur_kernel_size
+
     a = cfg.aug
     for name in ("hflip_prob", "jitter_prob", "grayscale_prob", "blur_prob_1", "blur_prob_2",
                  "solarize_prob_1", "solarize_prob_2"):
@@ -103,6 +111,13 @@ def validate_augment(cfg: Hparams) -> None:
         raise ConfigError(f"--aug.blur_sigma_min/max must satisfy 0 < min <= max, got {a.blur_sigma_min} and {a.blur_sigma_max}")
     if a.blur_kernel_size and (a.blur_kernel_size < 3 or a.blur_kernel_size % 2 == 0):
         raise ConfigError(f"--aug.blur_kernel_size must be odd and >= 3 (or 0 = auto), got {a.blur_kernel_size}")
+    # Both augmentation modes blur the img_size² Barlow Twins view with reflect padding, which must be
+    # narrower than the view.
+    kernel = blur_kernel_size(a)
+    if cfg.task == "barlow_twins" and 0 < cfg.data.img_size <= kernel // 2:
+        source = "--aug.blur_kernel_size" if a.blur_kernel_size else "the kernel implied by --aug.blur_sigma_max"
+        raise ConfigError(f"{source} ({kernel} px) needs {kernel // 2} px of reflect padding, which must be less "
+                          f"than --data.img_size={cfg.data.img_size}; use a kernel of at most {2 * cfg.data.img_size - 1}")
 
 
 def validate_training(cfg: Hparams) -> None:
@@ -110,6 +125,20 @@ def validate_training(cfg: Hparams) -> None:
     _positive(cfg.barlow.proj_layers, "--barlow.proj_layers")
     if cfg.barlow.lambd < 0:
         raise ConfigError(f"--barlow.lambd must be >= 0, got {cfg.barlow.lambd}")
+    if cfg.barlow.micro_batch_size < 0:
+        raise ConfigError(f"--barlow.micro_batch_size must be >= 0 (0 = off), got {cfg.barlow.micro_batch_size}")
+    if cfg.barlow.dense_weight < 0:
+        raise ConfigError(f"--barlow.dense_weight must be >= 0 (0 = off), got {cfg.barlow.dense_weight}")
+    if cfg.barlow.dense_weight > 0 and cfg.task == "barlow_twins":
+        from models.backbones import is_vit
+
+        if not is_vit(cfg.backbone.name):
+            raise ConfigError(f"--barlow.dense_weight needs a ViT backbone (it matches patch tokens); "
+                              f"--backbone.name={cfg.backbone.name} has none")
+        _positive(cfg.barlow.dense_proj_dim, "--barlow.dense_proj_dim")
+        if cfg.barlow.dense_points < 1 or cfg.barlow.dense_points * cfg.data.batch_size < 2:
+            raise ConfigError(f"--barlow.dense_points must be >= 1 with at least 2 points per batch, got "
+                              f"{cfg.barlow.dense_points} × batch {cfg.data.batch_size}")
     o = cfg.optim
     _positive(o.lr, "--optim.lr")
     if o.weight_decay < 0:
@@ -127,6 +156,15 @@ def validate_training(cfg: Hparams) -> None:
     elif t.max_epochs <= 0 and t.max_epochs != -1:
         raise ConfigError(f"--trainer.max_epochs must be > 0 or -1 (no limit), got {t.max_epochs}")
     _positive(t.devices, "--trainer.devices")
+    _positive(t.num_nodes, "--trainer.num_nodes")
+    if t.strategy not in STRATEGIES:
+        raise ConfigError(f"--trainer.strategy: {t.strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if t.sync_batchnorm:
+        import torch
+
+        if t.accelerator == "cpu" or not torch.cuda.is_available():
+            raise ConfigError("--trainer.sync_batchnorm needs CUDA GPUs (torch's SyncBatchNorm has no CPU "
+                              "implementation); the projector normalises over the global batch without it")
     if t.precision not in PRECISIONS:
         raise ConfigError(f"--trainer.precision: {t.precision!r} is not one of {', '.join(PRECISIONS)}")
     if t.accelerator not in ACCELERATORS:
@@ -219,6 +257,15 @@ def validate_callbacks(cfg: Hparams) -> None:
         if bad:
             raise ConfigError(f"--callbacks.attention_blocks: block(s) {bad} out of range for a {depth}-block ViT "
                               f"(valid: 0..{depth - 1}, or negative from the end)")
+    _positive(c.emergence_images, "--callbacks.emergence_images")
+    _positive(c.emergence_every_n_epochs, "--callbacks.emergence_every_n_epochs")
+    _positive(c.online_probe_every_n_epochs, "--callbacks.online_probe_every_n_epochs")
+    _positive(c.online_probe_lr, "--callbacks.online_probe_lr")
+    _positive(c.online_probe_batch_size, "--callbacks.online_probe_batch_size")
+    # Asked for explicitly (it is off by default), so a backbone it cannot probe is an error, not a warning.
+    if c.online_probe and cfg.task == "barlow_twins" and not is_vit(cfg.backbone.name):
+        raise ConfigError(f"--callbacks.online_probe needs a ViT backbone (it trains a linear head on patch "
+                          f"tokens); --backbone.name={cfg.backbone.name} is a CNN")
     if c.erf:
         from callbacks.receptive_field import check_erf_layers
 

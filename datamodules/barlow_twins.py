@@ -3,25 +3,31 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from config.hparams import AugmentConfig, DataConfig
+from datamodules.gpu_augment import DeviceAugmentTransform
 from datamodules.images import DataError, load_rgb
 from datamodules.registry import DATASETS
 from datamodules.sampling import SeededSampler, seeded
 from datamodules.transforms import BarlowTwinsTransform
 from datamodules.voc import all_image_ids, existing_image_paths, read_split
 
+# CPU mode (workers finish the views) or GPU mode (workers crop; the device finishes the batch).
+TwoViewTransform = Union[BarlowTwinsTransform, DeviceAugmentTransform]
+
 
 class TwoViewDataset(Dataset):
-    """Images → (view1, view2), indexed by ``(index, item_seed)`` from a :class:`SeededSampler`: the views
-    depend only on the seed, never on the worker or on global RNG state."""
+    """Images → two views, indexed by ``(index, item_seed)`` from a :class:`SeededSampler`: the views (and,
+    in GPU mode, their photometric parameters) depend only on the seed, never on the worker or on global
+    RNG state. Items are whatever the transform makes: ``(view1, view2)`` (CPU mode), with
+    ``(geometry1, geometry2)`` appended when asked, or GPU mode's dict of uint8 views and parameters."""
 
-    def __init__(self, paths: list[Path], transform: BarlowTwinsTransform):
+    def __init__(self, paths: list[Path], transform: TwoViewTransform):
         self.paths = paths
         self.transform = transform
 
@@ -32,11 +38,17 @@ class TwoViewDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int]):
         index, item_seed = key
         image = load_rgb(self.paths[index])
         with seeded(item_seed):
             return self.transform(image)
+
+    def finished_batch(self, keys: list[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
+        """The items of ``keys`` as the model receives them, computed in this process on the CPU:
+        ``(x1, x2)`` normalised views, or ``(x1, x2, g1, g2)`` with geometry, in either augmentation mode
+        (GPU mode's photometric operations run here on the CPU). For callbacks that need a few views."""
+        return tuple(self.transform.finish_batch(default_collate([self[key] for key in keys])))
 
 
 def default_num_workers() -> int:
@@ -52,17 +64,35 @@ def evenly_spaced(items: list, limit: int) -> list:
 
 
 class BarlowTwinsDataModule(pl.LightningDataModule):
-    def __init__(self, data: DataConfig, aug: AugmentConfig, seed: int = 0):
+    """Pairs of augmented views of unlabelled images; the model receives ``(x1, x2)`` normalised float
+    views, or ``(x1, x2, g1, g2)`` with ``geometry=True`` (each g a float32 (5,) crop box
+    ``(y0, x0, y1, x1, flipped)`` per item, see :func:`datamodules.transforms.crop_geometry`, for a dense
+    objective). ``shared_crop``: both views share one crop and flip.
+
+    ``aug.gpu``: the workers only decode, crop and flip (uint8) and draw the photometric parameters;
+    :meth:`on_after_batch_transfer` applies the photometric operations batched on the training device, so
+    the model receives the same batch format as in CPU mode.
+    """
+
+    def __init__(self, data: DataConfig, aug: AugmentConfig, seed: int = 0, geometry: bool = False,
+                 shared_crop: bool = False):
         super().__init__()
         self.cfg = data
         self.aug = aug
         self.seed = seed
+        self.geometry = geometry
+        self.shared_crop = shared_crop
         # Read by train_dataloader() each time it is called, so Lightning's batch-size tuner can change it.
         self.batch_size = data.batch_size
         self.num_workers = data.num_workers if data.num_workers >= 0 else default_num_workers()
         self.root: Optional[Path] = None
         self.train_set: Optional[TwoViewDataset] = None
         self.val_set: Optional[TwoViewDataset] = None
+        self.transform: TwoViewTransform = self.make_transform()
+
+    def make_transform(self) -> TwoViewTransform:
+        mode = DeviceAugmentTransform if self.aug.gpu else BarlowTwinsTransform
+        return mode(self.aug, self.cfg.img_size, shared_crop=self.shared_crop, geometry=self.geometry)
 
     def prepare_data(self) -> None:
         DATASETS.get(self.cfg.dataset).prepare(self.cfg)
@@ -79,7 +109,6 @@ class BarlowTwinsDataModule(pl.LightningDataModule):
         if self.train_set is not None:
             return
         self.root = DATASETS.get(self.cfg.dataset).prepare(self.cfg)
-        transform = BarlowTwinsTransform(self.aug, self.cfg.img_size)
         train_paths = existing_image_paths(self.root, self.pretrain_ids(self.root))
         val_ids = evenly_spaced(read_split(self.root, "val"), self.cfg.val_max_images)
         val_paths = existing_image_paths(self.root, val_ids)
@@ -88,8 +117,19 @@ class BarlowTwinsDataModule(pl.LightningDataModule):
                 f"--data.batch_size={self.batch_size} is larger than the {len(train_paths)} training images "
                 f"under {self.root} (data.pretrain_images={self.cfg.pretrain_images})"
             )
-        self.train_set = TwoViewDataset(train_paths, transform)
-        self.val_set = TwoViewDataset(val_paths, transform)
+        self.train_set = TwoViewDataset(train_paths, self.transform)
+        self.val_set = TwoViewDataset(val_paths, self.transform)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """GPU mode: the photometric augmentation of the batch, on its device; CPU mode: the batch as is."""
+        return self.transform.finish_batch(batch)
+
+    def validation_views(self, count: int) -> tuple[torch.Tensor, ...]:
+        """The first ``count`` validation items, finished on the CPU in this process (no loader workers): the
+        very views of the validation loader's first batch(es), ``(x1, x2)`` or ``(x1, x2, g1, g2)``."""
+        sampler = SeededSampler(len(self.val_set), self.seed, shuffle=False, vary_with_epoch=False, shard=False)
+        keys = [key for _, key in zip(range(min(count, len(self.val_set))), sampler)]
+        return self.val_set.finished_batch(keys)
 
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
         # Validation sees the same images with the same views every epoch.

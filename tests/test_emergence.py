@@ -20,29 +20,12 @@ from callbacks.emergence import EmergenceCallback, emergence_ids, label_path, lo
 from config.loading import ConfigError, parse_config
 from config.validation import validate
 from tests.test_main import ckpt, column, metrics
-from tests.wandb_records import logged, read_records, run_file
+from tests.wandb_records import logged, run_file
 from utils.emergence import emergence_jaccard, image_jaccard, jaccard_per_head, object_masks, upsample_masks
 
 
 def finished_run_file(run_dir: Path, timeout: float = 60.0) -> Path:
-    """The offline wandb run file once wandb has written all of it (up to its exit record).
-
-    ``wandb.finish()`` can return before wandb's writer process has flushed the file: read right after a
-    run it is sometimes just its 7-byte header (seen with logging on and off), so wait for the exit record.
-    """
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            path = run_file(run_dir)
-            if any(r.WhichOneof("record_type") == "exit" for r in read_records(path)):
-                return path
-        except Exception:  # noqa: BLE001 - not there yet, or a record still being written
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"wandb did not finish writing its offline run under {run_dir} in {timeout} s")
-        time.sleep(0.2)
+    return run_file(run_dir, timeout)  # waits for wandb's exit record
 
 
 def box(h: int, w: int, rows: slice, cols: slice) -> torch.Tensor:

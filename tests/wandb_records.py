@@ -55,7 +55,24 @@ def logged(path: str | Path) -> tuple[dict, list[dict]]:
     return config, history
 
 
-def run_file(run_dir: str | Path) -> Path:
-    files = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
-    assert files, f"no offline wandb run under {run_dir}"
-    return files[-1]
+def run_file(run_dir: str | Path, timeout: float = 60.0) -> Path:
+    """The run's offline wandb file, once wandb has written all of it (up to its exit record).
+
+    ``wandb.finish()`` can return before wandb's writer process has flushed the file: read right after a
+    run it is sometimes only its 7-byte header. So wait (up to ``timeout`` s) for the exit record.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        files = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
+        if files:
+            try:
+                if any(r.WhichOneof("record_type") == "exit" for r in read_records(files[-1])):
+                    return files[-1]
+            except Exception:  # noqa: BLE001 - a record still being written
+                pass
+        if time.monotonic() > deadline:
+            assert files, f"no offline wandb run under {run_dir}"
+            raise AssertionError(f"wandb did not finish writing {files[-1]} within {timeout} s")
+        time.sleep(0.2)
