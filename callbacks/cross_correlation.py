@@ -4,7 +4,8 @@ Heatmaps of the latest training matrix and the epoch-averaged validation matrix 
 (≈0 cyan-blue, 1 red, as in the report) with a colour bar, also once before training starts (a
 DINO-initialised backbone shows its near-identity start); for wide projectors the top-left k×k block at
 full resolution beside the whole matrix. Scalars at every log step: mean diagonal, mean |off-diagonal|
-and the fraction of diagonal entries above 0.9.
+and the fraction of diagonal entries above 0.9. With the dense term on, its matrices and scalars
+(``cc_dense/*``) too.
 """
 from __future__ import annotations
 
@@ -67,6 +68,9 @@ class CrossCorrelationCallback(pl.Callback):
         if c is None:
             return
         scalars = {f"cc/{k}": v for k, v in convergence_scalars(c).items()}
+        dense: Optional[Tensor] = getattr(pl_module, "last_dense_cross_correlation", None)
+        if dense is not None:  # the dense term's own matrix (barlow.dense_weight > 0)
+            scalars.update({f"cc_dense/{k}": v for k, v in convergence_scalars(dense).items()})
         pl_module.log_dict(scalars, on_step=True, on_epoch=False)
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -85,6 +89,10 @@ class CrossCorrelationCallback(pl.Callback):
             matrices["train (latest batch)"] = pl_module.last_cross_correlation
         if getattr(pl_module, "val_cross_correlation", None) is not None:
             matrices["val (epoch mean)"] = pl_module.val_cross_correlation
+        if getattr(pl_module, "last_dense_cross_correlation", None) is not None:
+            matrices["dense train (latest)"] = pl_module.last_dense_cross_correlation
+        if getattr(pl_module, "val_dense_cross_correlation", None) is not None:
+            matrices["dense val (epoch mean)"] = pl_module.val_dense_cross_correlation
         if matrices:
             self._save(trainer, matrices, f"e{epoch:03d}", f"epoch {epoch}, step {trainer.global_step}")
 

@@ -61,6 +61,25 @@ def test_barlow_twins_pictures_and_scalars(tiny, tmp_path):
     assert any(k.startswith("media/cross_correlation/") for h in history for k in h)
 
 
+def test_dense_term_has_its_own_cross_correlation_diagnostics(tiny, tmp_path):
+    args = tiny("dense", callbacks__attention="false", callbacks__emergence="false", callbacks__every_n_epochs=1,
+                barlow__dense_weight=1.0, barlow__dense_proj_dim=16, barlow__dense_points=4, barlow__shared_crop="true",
+                trainer__max_epochs=1)
+    assert main.main(args) == 0
+    rows = metrics(tmp_path / "runs" / "dense")
+    dense_diag = column(rows, "cc_dense/diag_mean")
+    assert len(dense_diag) == 4 and all(-1 <= v <= 1 for _, v in dense_diag)
+    for key in ("train/dense_loss_epoch", "train/global_loss_epoch", "val/dense_loss", "val/dense_loss_per_dim"):
+        assert column(rows, key), key
+    # total = global + 1.0 × dense, as logged
+    total = dict(column(rows, "train/loss_epoch"))
+    parts = {step: g + d for (step, g), (_, d) in zip(column(rows, "train/global_loss_epoch"),
+                                                      column(rows, "train/dense_loss_epoch"))}
+    for step, value in total.items():
+        assert abs(value - parts[step]) < 1e-3 * abs(value)
+    assert png(tmp_path / "runs" / "dense" / "media" / "cross_correlation_e000.png")[0] > 4 * 300  # 4 matrices
+
+
 def test_segmentation_prediction_pictures(tiny, tmp_path):
     args = tiny("seg", task="segmentation", segmentation__hidden_dim=8, data__batch_size=4,
                 callbacks__attention="false", callbacks__every_n_epochs=5, trainer__max_epochs=2)
