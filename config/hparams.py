@@ -127,7 +127,8 @@ class BackboneConfig:
 
     name: str = "vit_small_patch16_224"
     """'vit' (a ViT built from depth/embed_dim/num_heads/patch_size, ViT-S/16 where 0), any timm ViT
-    name (e.g. vit_small_patch16_224, vit_small_patch8_224, vit_small_patch16_224.dino), or 'resnet50'."""
+    name (e.g. vit_small_patch16_224, vit_small_patch8_224, vit_small_patch16_224.dino), 'resnet50', or
+    'pixels' (raw pixel patches of backbone.patch_size, default 8: a floor for segmentation probes)."""
 
     depth: int = 0
     """ViT: number of transformer blocks (0 = the named model's)."""

@@ -109,7 +109,7 @@ SYN = ["--data.dataset=synthetic", "--data.root=/tmp/vitssl-unused"]  # no data 
 INVALID = [
     (["--data.img_size=100"] + SYN, "--data.img_size=100 is not a multiple of the patch size 16"),
     (["--backbone.embed_dim=100", "--backbone.num_heads=6"] + SYN, "--backbone.embed_dim=100 is not divisible by --backbone.num_heads=6"),
-    (["--backbone.name=vit_tiny_nonexistent"] + SYN, "--backbone.name: unknown backbone 'vit_tiny_nonexistent'; valid: resnet50, vit"),
+    (["--backbone.name=vit_tiny_nonexistent"] + SYN, "--backbone.name: unknown backbone 'vit_tiny_nonexistent'; valid: pixels, resnet50, vit"),
     (["--task=classification"] + SYN, "--task: unknown task 'classification'; valid: barlow_twins"),
     (["--data.dataset=imagenet"], "--data.dataset: unknown dataset 'imagenet'; valid: synthetic, voc"),
     (["--optim.lr=0"] + SYN, "--optim.lr must be > 0, got 0.0"),

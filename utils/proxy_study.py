@@ -2,7 +2,7 @@
 
 1. Barlow Twins pretraining of a small ViT on generated VOC-layout data, global objective and global +
    dense with a shared crop (config/proxy/pretrain*.yaml), at several budgets (epochs; the measured
-   CPU time of each run is reported beside it).
+   training wall time of each run is reported beside it — on a shared machine it overstates CPU time).
 2. Frozen-backbone segmentation probes (config/proxy/probe.yaml) with several heads on every pretrained
    backbone, on a random-init ViT and on raw pixel patches (backbone 'pixels'): the floor rows.
 3. A results table (markdown + CSV) with each probe's best val mIoU / foreground mIoU, each pretraining
@@ -71,7 +71,7 @@ def pretrain_summary(run_dir: Path) -> dict:
     dense = column(rows, "val/dense_loss_per_dim")
     return {
         "epochs": len(epochs),
-        "train_cpu_min": sum(v for _, _, v in epochs) / 60,
+        "train_wall_min": sum(v for _, _, v in epochs) / 60,
         "val_loss_per_dim": val[-1][2] if val else float("nan"),
         "val_dense_loss_per_dim": dense[-1][2] if dense else float("nan"),
         "jaccard": [(step, v) for _, step, v in jaccard],
@@ -100,14 +100,14 @@ def backbone_rows(budgets: list[int]) -> list[tuple[str, list[str], str]]:
 
 def write_report(out: Path, budgets: list[int], heads: list[str]) -> str:
     lines = ["## Pretraining runs", "",
-             "| run | epochs | train CPU-min | final val loss/dim | final val dense loss/dim | attention Jaccard (step: value) |",
+             "| run | epochs | training wall-min | final val loss/dim | final val dense loss/dim | attention Jaccard (step: value) |",
              "|---|---|---|---|---|---|"]
     for objective in OBJECTIVES:
         for epochs in budgets:
             name = f"pretrain-{objective}-e{epochs}"
             s = pretrain_summary(out / name)
             curve = ", ".join(f"{step}: {v:.3f}" for step, v in s["jaccard"])
-            lines.append(f"| {name} | {s['epochs']} | {s['train_cpu_min']:.1f} | {s['val_loss_per_dim']:.4f} | "
+            lines.append(f"| {name} | {s['epochs']} | {s['train_wall_min']:.1f} | {s['val_loss_per_dim']:.4f} | "
                          f"{s['val_dense_loss_per_dim']:.4f} | {curve} |")
     lines += ["", "## Frozen-backbone probes: best val mIoU (foreground-class mIoU)", "",
               "| features | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]

@@ -65,8 +65,10 @@ class RunRecord:
                 out.append((_int(row.get("step")), float(cell)))
         return out
 
-    def max_index(self, column: str) -> Optional[int]:
-        values = [v for v in (_int(r.get(column)) for r in self.rows) if v is not None]
+    def max_index(self, column: str, prefix: str = "") -> Optional[int]:
+        """Largest ``column`` value over the rows holding a metric that starts with ``prefix``."""
+        rows = [r for r in self.rows if not prefix or any(k.startswith(prefix) and v not in ("", None) for k, v in r.items())]
+        values = [v for v in (_int(r.get(column)) for r in rows) if v is not None]
         return max(values) if values else None
 
 
@@ -225,7 +227,9 @@ def summarize(root: str | Path, metric: str = "val/loss", params: Optional[Seque
         best = pick(finite, key=lambda sv: sv[1]) if finite else None
         if not series:
             summary.warnings.append(f"{run.name} logged no {metric}")
-        steps, epochs = run.max_index("step"), run.max_index("epoch")
+        # Steps trained: from the training rows (callbacks may log after the last step, at step = steps done).
+        steps = run.max_index("step", prefix="train/")
+        steps, epochs = (run.max_index("step") if steps is None else steps), run.max_index("epoch")
         summary.rows.append(Row(
             run=run, params={n: run.config.get(n) for n in names},
             final=series[-1][1] if series else None, final_step=series[-1][0] if series else None,
