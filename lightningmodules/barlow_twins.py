@@ -112,7 +112,9 @@ class BarlowTwinsModule(pl.LightningModule):
     def features(self, x1: Tensor, x2: Tensor):
         """Backbone embeddings of both views, on this device's images only. With the dense term on, each
         view's features are a pair (embedding (B, D), patch-token grid (B, D, h, w))."""
-        if self.backbone.batch_coupled:
+        if self.backbone.batch_coupled or self.cfg.barlow.micro_batch_size > 0:
+            # BatchNorm: each view its own pass, as in the official code. Micro-batching: chunks of each
+            # view directly (no concatenated copy of both views' images, which grows with the batch).
             return self.backbone_features(x1), self.backbone_features(x2)
         # one forward pass over both views is faster and, without BatchNorm, identical
         both = self.backbone_features(torch.cat([x1, x2]))
