@@ -55,8 +55,30 @@ def measure(config: str, overrides: list[str], batch: int, micro: int, steps: in
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    flops = model_flops_per_pair(cfg, device) * batch
     return {"batch": batch, "micro": micro, "steps_per_s": rate, "images_per_s": rate * batch,
-            "peak_gib": peak / 2**30, "device": torch.cuda.get_device_name() if cuda else "cpu"}
+            "peak_gib": peak / 2**30, "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "model_tflops_per_s": flops * rate / 1e12}
+
+
+def model_flops_per_pair(cfg, device) -> float:
+    """Model FLOPs of one training step per image pair (forward + backward of backbone, projector and loss,
+    without the micro-batching recomputation — the usual MFU convention), counted by torch's FLOP counter
+    on 2 pairs; every term is linear in the batch (the D×D matrix costs N·D²)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.bench_train_step import build_module
+    from models.losses import barlow_twins_loss
+
+    cfg.barlow.micro_batch_size = 0
+    module = build_module(cfg).to(device)
+    s = cfg.data.img_size
+    x1, x2 = torch.randn(2, 3, s, s, device=device), torch.randn(2, 3, s, s, device=device)
+    with FlopCounterMode(display=False) as counter:
+        z1, z2 = module.embed(x1, x2)
+        barlow_twins_loss(z1, z2, cfg.barlow.lambd)[0].backward()
+    return counter.get_total_flops() / 2
 
 
 def run_isolated(args, batch: int, micro: int) -> dict | None:
@@ -83,6 +105,10 @@ def largest_batch(args, micro: int, budget_gib: float, start: int, limit: int) -
     return best
 
 
+def mfu(result: dict, peak_tflops: float) -> str:
+    return f"{result['model_tflops_per_s'] / peak_tflops:.1%}" if peak_tflops else "-"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="config/quickstart.yaml")
@@ -92,6 +118,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--budget-gib", type=float, default=0.0, help="also find the largest batch within this budget")
     parser.add_argument("--budget-limit", type=int, default=16384, help="largest batch the budget search tries")
+    parser.add_argument("--peak-tflops", type=float, default=0.0,
+                        help="the device's peak TFLOP/s at the run's precision, to print model FLOPs utilisation "
+                             "(e.g. 989 for an H100 SXM in bf16, 989 for an H200)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=0, help=argparse.SUPPRESS)
     args, args.overrides = parser.parse_known_args()
@@ -105,8 +134,8 @@ def main() -> None:
     print(f"device: {reference['device']}; config {args.config} {' '.join(args.overrides)}")
     print(f"reference: plain step at batch {args.micro}: {reference['images_per_s']:.1f} image pairs/s, "
           f"peak {reference['peak_gib']:.3f} GiB")
-    print("| batch | micro-batch | pairs/s | × reference | peak GiB | × reference |")
-    print("|---|---|---|---|---|---|")
+    print("| batch | micro-batch | pairs/s | × reference | peak GiB | × reference | model TFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|---|---|")
     for batch in [int(b) for b in args.batches.split(",")]:
         for micro in (0, args.micro):
             r = run_isolated(args, batch, micro)
@@ -114,7 +143,8 @@ def main() -> None:
                 continue
             print(f"| {batch} | {micro or 'off'} | {r['images_per_s']:.1f} | "
                   f"{r['images_per_s'] / reference['images_per_s']:.2f} | {r['peak_gib']:.3f} | "
-                  f"{r['peak_gib'] / reference['peak_gib']:.2f} |", flush=True)
+                  f"{r['peak_gib'] / reference['peak_gib']:.2f} | {r['model_tflops_per_s']:.2f} | "
+                  f"{mfu(r, args.peak_tflops)} |", flush=True)
     if args.budget_gib:
         for micro in (0, args.micro):
             best = largest_batch(args, micro, args.budget_gib, args.micro, args.budget_limit)
