@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--objectives", default="global,dense")
     parser.add_argument("--stage", choices=["all", "pretrain", "probe"], default="all")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--no-floors", action="store_true", help="skip the random-init and raw-pixel probe rows")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra flag for every run, e.g. --set trainer.max_epochs=1")
     args = parser.parse_args(argv)
@@ -159,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage in ("all", "probe"):
             for row, flags, pre in backbone_rows(budgets):
                 if pre and pre.split("-")[1] not in args.objectives.split(","):
+                    continue
+                if (not pre and args.no_floors) or (pre and not (out / pre / "done").is_file()):
+                    if pre:
+                        print(f"[skip] probes of {pre}: that pretraining run has not finished", flush=True)
                     continue
                 flags = [f.replace("__OUT__", str(out)) for f in flags]
                 for head in heads:
