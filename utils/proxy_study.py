@@ -105,6 +105,8 @@ def write_report(out: Path, budgets: list[int], heads: list[str]) -> str:
     for objective in OBJECTIVES:
         for epochs in budgets:
             name = f"pretrain-{objective}-e{epochs}"
+            if not (out / name).is_dir():
+                continue  # not part of this study
             s = pretrain_summary(out / name)
             curve = ", ".join(f"{step}: {v:.3f}" for step, v in s["jaccard"])
             lines.append(f"| {name} | {s['epochs']} | {s['train_wall_min']:.1f} | {s['val_loss_per_dim']:.4f} | "
@@ -113,6 +115,8 @@ def write_report(out: Path, budgets: list[int], heads: list[str]) -> str:
               "| features | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
     table = []
     for row, _, _ in backbone_rows(budgets):
+        if not any((out / probe_name(row, head)).is_dir() for head in heads):
+            continue  # not part of this study
         cells = []
         for head in heads:
             s = probe_summary(out / probe_name(row, head))
