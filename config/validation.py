@@ -69,6 +69,9 @@ def validate_backbone(cfg: Hparams) -> None:
         raise ConfigError(f"--backbone.drop_path_rate must be in [0, 1), got {b.drop_path_rate}")
     if b.weights and not Path(b.weights).is_file():
         raise ConfigError(f"--backbone.weights: file {b.weights!r} does not exist")
+    if b.name == "pixels" and cfg.task != "segmentation":
+        raise ConfigError("--backbone.name=pixels (raw pixel patches, nothing to train) is a floor for segmentation "
+                          "probes (--task=segmentation), not a backbone to pretrain")
     if b.resnet_norm != "batch" and b.name != "resnet50":
         raise ConfigError(f"--backbone.resnet_norm applies to resnet50 only, not {b.name!r}; leave it at 'batch'")
     if b.resnet_norm == "group" and b.pretrained:
@@ -213,6 +216,9 @@ def validate_segmentation(cfg: Hparams) -> None:
             head_levels(s.head, resolve_architecture(cfg.backbone)["depth"], s)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+    if s.head == "attn_fusion" and cfg.backbone.name == "pixels":
+        raise ConfigError("--segmentation.head=attn_fusion fuses the backbone's attention, and "
+                          "--backbone.name=pixels (raw pixel patches) has none; use linear, setr_naive or setr_pup")
     if s.num_classes < 2:
         raise ConfigError(f"--segmentation.num_classes must be >= 2, got {s.num_classes}")
     _positive(s.hidden_dim, "--segmentation.hidden_dim")

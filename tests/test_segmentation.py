@@ -131,6 +131,8 @@ def test_masks_outside_the_label_range_name_the_file(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--backbone.name=resnet50", "--segmentation.head=setr_mla"], "setr_mla needs a ViT backbone"),
     (["--backbone.name=vit", "--segmentation.head=deeplabv3"], "deeplabv3 needs --backbone.name=resnet50"),
+    (["--segmentation.head=attn_fusion", "--backbone.name=pixels", "--backbone.depth=0", "--backbone.embed_dim=0",
+      "--backbone.num_heads=0"], "attn_fusion fuses the backbone's attention"),
     (["--segmentation.head=setr_fancy"], "unknown head 'setr_fancy'; valid: attn_fusion, linear, setr_mla, setr_naive, setr_pup, deeplabv3"),
     (["--backbone.name=vit", "--backbone.depth=4", "--segmentation.head=setr_mla", "--segmentation.mla_blocks=1,9"], "mla_blocks"),
     (["--segmentation.head=setr_naive", "--segmentation.aux_loss=true"], "applies to --segmentation.head=deeplabv3 only"),
