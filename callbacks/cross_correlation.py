@@ -110,7 +110,7 @@ class CrossCorrelationCallback(pl.Callback):
 
     def _save(self, trainer, matrices: dict[str, Tensor], tag: str, when: str) -> None:
         diag = {name: float(torch.diagonal(c).mean()) for name, c in matrices.items()}
-        title = f"Barlow Twins cross-correlation, {when} — mean diagonal " + ", ".join(f"{n.split()[0]} {v:.2f}" for n, v in diag.items())
+        title = f"Barlow Twins cross-correlation, {when} — mean diagonal " + ", ".join(f"{n.split(' (')[0]} {v:.2f}" for n, v in diag.items())
         fig = plot_cross_correlation(matrices, title, self.block)
         save_figure(trainer, fig, f"{self.name}_{tag}")
 
