@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.losses import cross_correlation_terms
+from models.losses import barlow_twins_loss
 from models.projector import Projector
 
 
@@ -65,14 +65,6 @@ def read_at(grid_map: Tensor, grid: Tensor) -> Tensor:
     return out[..., 0].transpose(1, 2)
 
 
-def weighted_standardize(z: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
-    """Standardise over the rows with weights (N,) — rows of weight 0 do not count."""
-    w = weight[:, None] / weight.sum().clamp_min(1e-12)
-    mean = (w * z).sum(dim=0)
-    var = (w * (z - mean).pow(2)).sum(dim=0)
-    return (z - mean) / torch.sqrt(var + eps)
-
-
 class DenseBarlowTwins(nn.Module):
     """The dense term: own projector, correspondence sampling, weighted Barlow Twins loss over points."""
 
@@ -91,15 +83,5 @@ class DenseBarlowTwins(nn.Module):
     def loss(self, p1: Tensor, p2: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
         """Barlow Twins loss and cross-correlation of the projected point features; rows weighted."""
         z1, z2 = self.projector(p1), self.projector(p2)
-        return weighted_barlow_twins_loss(z1, z2, weight, self.lambd)
-
-
-def weighted_barlow_twins_loss(z1: Tensor, z2: Tensor, weight: Tensor, lambd: float) -> tuple[Tensor, Tensor]:
-    """:func:`models.losses.barlow_twins_loss` with per-row weights (equal to it when all weights are 1)."""
-    with torch.autocast(device_type=z1.device.type, enabled=False):
-        w = weight.float()
-        a, b = weighted_standardize(z1.float(), w), weighted_standardize(z2.float(), w)
-        c = (a * (w / w.sum().clamp_min(1e-12))[:, None]).T @ b
-        on_diag, off_diag = cross_correlation_terms(c)
-    return on_diag + lambd * off_diag, c
+        return barlow_twins_loss(z1, z2, self.lambd, weight=weight)
 

@@ -1,32 +1,48 @@
 """Losses: Barlow Twins (a pure function) and the segmentation losses (small modules)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def standardize(z: Tensor, eps: float = 1e-5) -> Tensor:
-    """Zero mean, unit (biased) variance per feature over the batch — BatchNorm1d(affine=False) in train mode."""
-    mean = z.mean(dim=0)
-    var = z.var(dim=0, unbiased=False)
+def standardize(z: Tensor, eps: float = 1e-5, weight: Optional[Tensor] = None) -> Tensor:
+    """Zero mean, unit (biased) variance per feature over the batch — BatchNorm1d(affine=False) in train mode.
+    ``weight`` (N,): a weighted mean and variance, rows of weight 0 do not count."""
+    if weight is None:
+        mean = z.mean(dim=0)
+        var = z.var(dim=0, unbiased=False)
+    else:
+        w = weight[:, None] / weight.sum().clamp_min(1e-12)
+        mean = (w * z).sum(dim=0)
+        var = (w * (z - mean).pow(2)).sum(dim=0)
     return (z - mean) / torch.sqrt(var + eps)
 
 
-def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float = 0.0051) -> tuple[Tensor, Tensor]:
+def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float = 0.0051,
+                      weight: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Barlow Twins loss (Zbontar et al., 2021) and the cross-correlation matrix it is computed from.
 
     Each view's embeddings (N, D) are standardised over the batch, C = z1ᵀ z2 / N (D, D), and
     loss = Σ_i (1 − C_ii)² + λ Σ_{i≠j} C_ij². Always computed in float32, also under autocast, because
     the D² sum of squares loses the diagonal's signal in bf16.
+
+    ``weight`` (N,): per-sample weights for the standardisation and the mean over the batch (the dense
+    term gives points of non-overlapping crops weight 0, without a host sync to drop them).
     """
     if z1.shape != z2.shape or z1.ndim != 2:
         raise ValueError(f"expected two (N, D) embeddings of the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
     if z1.shape[0] < 2:
         raise ValueError("Barlow Twins needs at least 2 samples per batch to standardise over the batch")
     with torch.autocast(device_type=z1.device.type, enabled=False):
-        n = z1.shape[0]
-        c = standardize(z1.float()).T @ standardize(z2.float()) / n
+        if weight is None:
+            c = standardize(z1.float()).T @ standardize(z2.float()) / z1.shape[0]
+        else:
+            w = weight.float()
+            a, b = standardize(z1.float(), weight=w), standardize(z2.float(), weight=w)
+            c = (a * (w / w.sum().clamp_min(1e-12))[:, None]).T @ b
         on_diag, off_diag = cross_correlation_terms(c)
         loss = on_diag + lambd * off_diag
     return loss, c

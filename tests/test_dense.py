@@ -8,7 +8,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from config.loading import parse_config
 from lightningmodules.barlow_twins import BarlowTwinsModule
-from models.dense import read_at, sample_correspondences, weighted_barlow_twins_loss
+from models.dense import read_at, sample_correspondences
 from models.losses import barlow_twins_loss
 
 
@@ -57,7 +57,7 @@ def test_disjoint_crops_get_zero_weight():
 def test_weighted_loss_with_unit_weights_is_barlow_twins_and_ignores_zero_weight_rows():
     g = torch.Generator().manual_seed(0)
     z1, z2 = torch.randn(24, 16, generator=g), torch.randn(24, 16, generator=g)
-    loss, c = weighted_barlow_twins_loss(z1, z2, torch.ones(24), 0.01)
+    loss, c = barlow_twins_loss(z1, z2, 0.01, weight=torch.ones(24))
     expected, expected_c = barlow_twins_loss(z1, z2, 0.01)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(c, expected_c, rtol=1e-5, atol=1e-6)
@@ -66,7 +66,7 @@ def test_weighted_loss_with_unit_weights_is_barlow_twins_and_ignores_zero_weight
     weight[16:] = 0
     noisy1, noisy2 = z1.clone(), z2.clone()
     noisy1[16:] = 1e3 * torch.randn(8, 16, generator=g)
-    loss_w, _ = weighted_barlow_twins_loss(noisy1, noisy2, weight, 0.01)
+    loss_w, _ = barlow_twins_loss(noisy1, noisy2, 0.01, weight=weight)
     torch.testing.assert_close(loss_w, barlow_twins_loss(z1[:16], z2[:16], 0.01)[0], rtol=1e-5, atol=1e-5)
 
 
