@@ -14,6 +14,7 @@ are against it, in one run, because these machines are noisy.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -71,6 +72,7 @@ def model_flops_per_pair(cfg, device) -> float:
     from benchmarks.bench_train_step import build_module
     from models.losses import barlow_twins_loss
 
+    cfg = copy.deepcopy(cfg)
     cfg.barlow.micro_batch_size = 0
     module = build_module(cfg).to(device)
     s = cfg.data.img_size

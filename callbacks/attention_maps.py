@@ -17,7 +17,8 @@ import numpy as np
 import pytorch_lightning as pl
 from torch import Tensor
 
-from callbacks.visual import VisualisationCallback, denormalise, eval_mode, save_figure, subplots, vit_of
+from callbacks.visual import (VisualisationCallback, cls_attention_problem, denormalise, eval_mode, save_figure,
+                              subplots, vit_of)
 from utils.attention import cls_attentions, mass_threshold_masks
 
 CELL_INCHES = 1.7
@@ -36,10 +37,9 @@ class AttentionMapCallback(VisualisationCallback):
     # -- checks and naming -------------------------------------------------------------------------
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[str]:
         vit = vit_of(pl_module)
-        if vit is None:
-            return "they need a ViT backbone (this run's backbone is a CNN, which has no attention)"
-        if getattr(vit, "cls_token", None) is None:
-            return "they show the CLS token's attention, and this ViT has no class token"
+        problem = cls_attention_problem(vit)
+        if problem:
+            return problem
         depth = len(vit.blocks)
         bad = [b for b in self.blocks if not -depth <= b < depth]
         if bad:

@@ -25,7 +25,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from callbacks.visual import eval_mode, vit_of
+from callbacks.visual import cls_attention_problem, eval_mode, vit_of
 from utils.attention import cls_attention
 from utils.emergence import EmergenceScore, emergence_jaccard
 
@@ -147,11 +147,9 @@ class EmergenceCallback(pl.Callback):
 
     # -- checks --------------------------------------------------------------------------------------
     def problem(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[str]:
-        vit = vit_of(pl_module)
-        if vit is None:
-            return "it needs a ViT backbone (this run's backbone is a CNN, which has no attention)"
-        if getattr(vit, "cls_token", None) is None:
-            return "it scores the CLS token's attention, and this ViT has no class token"
+        problem = cls_attention_problem(vit_of(pl_module))
+        if problem:
+            return problem
         if getattr(trainer.datamodule, "root", None) is None:
             return "the datamodule has no VOC root to read validation masks from"
         return None

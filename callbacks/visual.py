@@ -185,6 +185,15 @@ def vit_of(pl_module: pl.LightningModule):
     return vit if getattr(vit, "has_attention", True) else None
 
 
+def cls_attention_problem(vit) -> Optional[str]:
+    """Why the CLS-token attention of ``vit`` (from :func:`vit_of`) cannot be computed, or None."""
+    if vit is None:
+        return "a ViT backbone with attention is needed, and this run's backbone has none (a CNN or raw pixels)"
+    if getattr(vit, "cls_token", None) is None:
+        return "the CLS token's attention is needed, and this ViT has no class token"
+    return None
+
+
 def cnn_of(pl_module: pl.LightningModule) -> Optional[torch.nn.Module]:
     """The ResNet trunk (a module with children layer1..layer4), or None for a ViT."""
     backbone = backbone_of(pl_module)

@@ -90,10 +90,9 @@ def test_cls_attention_matches_manual_softmax_with_fused_attention_on(patch, hei
     assert (got.sum(dim=(-2, -1)) < 1).all()  # the CLS and register columns hold the rest
 
 
-def test_cls_attention_is_what_timm_computes_unfused():
-    """The probabilities timm's own unfused path feeds to attn_drop, on a copy with fused attention off."""
-    vit = small_vit(8, reg_tokens=2)
-    images = torch.randn(2, 3, 40, 24)
+def unfused_probabilities(vit, images) -> dict[int, torch.Tensor]:
+    """Block index → the attention probabilities timm's own unfused code path feeds to attn_drop, computed
+    on a copy of ``vit`` with fused attention off: the independent reference for recomputed attention."""
     unfused = copy.deepcopy(vit)
     probs = {}
     for i, blk in enumerate(unfused.blocks):
@@ -101,6 +100,14 @@ def test_cls_attention_is_what_timm_computes_unfused():
         blk.attn.attn_drop.register_forward_hook(lambda m, args, out, i=i: probs.__setitem__(i, out))
     with torch.no_grad():
         unfused.forward_features(images)
+    return probs
+
+
+def test_cls_attention_is_what_timm_computes_unfused():
+    """The probabilities timm's own unfused path feeds to attn_drop, on a copy with fused attention off."""
+    vit = small_vit(8, reg_tokens=2)
+    images = torch.randn(2, 3, 40, 24)
+    probs = unfused_probabilities(vit, images)
     maps = cls_attentions(vit, images, [0, 1, -1])
     assert sorted(maps) == [0, 1, 2]
     for i in range(3):

@@ -3,7 +3,6 @@
 shapes, freezing, one backbone pass, parameter counts, and a run through main.py."""
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -18,6 +17,7 @@ from config.validation import validate
 from models.heads import HEADS
 from models.heads.attn_fusion import MAP_NAMES, attention_maps
 from models.segmenters import build_segmenter
+from tests.test_attention import unfused_probabilities
 from tests.test_main import ckpt, column, metrics
 from utils.attention import BlockAttention, block_attentions, cls_attention
 
@@ -119,13 +119,7 @@ def test_full_attention_is_what_timm_computes_unfused():
     for blk in vit.blocks:
         blk.attn.fused_attn = True
     images = torch.randn(2, 3, 40, 24)
-    unfused = copy.deepcopy(vit)
-    probs = {}
-    for i, blk in enumerate(unfused.blocks):
-        blk.attn.fused_attn = False
-        blk.attn.attn_drop.register_forward_hook(lambda m, args, out, i=i: probs.__setitem__(i, out))
-    with torch.no_grad():
-        unfused.forward_features(images)
+    probs = unfused_probabilities(vit, images)
     vit.train()
     got = block_attentions(vit, images, [0, -1])
     assert vit.training and all(blk.attn.fused_attn for blk in vit.blocks)

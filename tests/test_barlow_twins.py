@@ -8,6 +8,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from config.loading import parse_config
 from lightningmodules.barlow_twins import BarlowTwinsModule
@@ -49,21 +50,11 @@ def assert_grads_close(name: str, actual: torch.Tensor, expected: torch.Tensor, 
     torch.testing.assert_close(actual, expected, rtol=0, atol=rel * scale + 1e-12, msg=lambda m: f"{name}: {m}")
 
 
-class _Batches:
-    def __init__(self, items):
-        self.items = items
-
-    def __iter__(self):
-        return iter(self.items)
-
-    def __len__(self):
-        return len(self.items)
-
-
 def one_lightning_step(module: pl.LightningModule, batch) -> dict[str, torch.Tensor]:
     trainer = pl.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(module, train_dataloaders=_Batches([batch]))
+    # batch_size=None: the loader yields the ready batch as it is
+    trainer.fit(module, train_dataloaders=DataLoader([batch], batch_size=None))
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 

@@ -44,7 +44,6 @@ and the table says so. Smoke runs are named ``<run>-smoke``, so they never pass 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import datetime as _dt
 import math
@@ -55,7 +54,9 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
+
+from utils.sweep import in_repo_root
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS_DIR = REPO_ROOT / "config" / "experiments"
@@ -298,17 +299,6 @@ def measure(run_dir: Optional[Path], task: str) -> tuple[str, Optional[float]]:
 
 
 # -------------------------------------------------------------------------------------------- planning
-@contextlib.contextmanager
-def in_repo_root() -> Iterator[None]:
-    """Config paths (data roots, runs/...) are relative to the repository root, where main.py runs."""
-    before = os.getcwd()
-    os.chdir(REPO_ROOT)
-    try:
-        yield
-    finally:
-        os.chdir(before)
-
-
 def _flags(values: dict) -> list[str]:
     return [f"--{k}={v}" for k, v in values.items()]
 

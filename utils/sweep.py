@@ -619,8 +619,9 @@ def program_argv(sweep: Sweep, command: Sequence[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def _in_repo_root() -> Iterator[None]:
-    """Relative paths in a command (--config config/x.yaml, data roots) mean what they mean to the agent."""
+def in_repo_root() -> Iterator[None]:
+    """Relative paths (--config config/x.yaml, data roots, runs/...) mean what they mean to main.py, which
+    runs in the repository root."""
     before = os.getcwd()
     os.chdir(REPO_ROOT)
     try:
@@ -674,7 +675,7 @@ def validate_runs(sweep: Sweep, runs: Sequence[SweepRun], strict_data: bool = Tr
     src = _where(sweep.path)
     notes: list[str] = []
     failures: dict[str, list[SweepRun]] = collections.OrderedDict()
-    with _in_repo_root():
+    with in_repo_root():
         for run in runs:
             try:
                 run.config = parse_config(run.argv)
@@ -752,7 +753,7 @@ def _name_local_runs(sweep: Sweep, runs: list[SweepRun], interpreter: str) -> No
 
     for run in runs:
         try:
-            with _in_repo_root():
+            with in_repo_root():
                 named = bool(parse_config(run.argv).log.run_name)  # e.g. by a --config file in the command
         except ConfigError:
             named = False  # validate_runs reports it
