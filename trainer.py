@@ -12,14 +12,17 @@ import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
 from callbacks import visualisation_callbacks
+from callbacks.checkpointing import AtomicCheckpointIO, RunCheckpoint, StopOnSignal
 from callbacks.epoch_timer import EpochTimer
 from callbacks.finite_loss import FiniteLossGuard
+from callbacks.model_summary import RunModelSummary
 from callbacks.rng_state import RNGStateCheckpoint
 from config.hparams import Hparams
 from config.loading import save_config, to_dict
 from lightningmodules import TASKS, Task
 from utils.loggers import RunCSVLogger, build_wandb_logger, effective_wandb_mode
-from utils.run_dir import CHECKPOINT_DIR, global_rank, prepare_run_dir
+from utils.optim import lr_scaling_note
+from utils.run_dir import CHECKPOINT_DIR, global_rank, prepare_run_dir, read_checkpoint, run_meta
 from utils.tuning import tune
 
 log = logging.getLogger(__name__)
@@ -42,29 +45,24 @@ def resolve_precision(cfg: Hparams) -> str:
     return "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"
 
 
-def _batches(value: float) -> float | int:
-    """Lightning reads an int as a number of batches and a float as a fraction."""
+def _batches(value: float) -> float | int | None:
+    """Lightning reads an int as a number of batches and a float as a fraction; None (= all) for 1, which
+    Lightning would otherwise announce in an info line on every run."""
+    if value == 1:
+        return None
     return int(value) if value > 1 else float(value)
 
 
-def checkpoint_step(path: str) -> int:
-    # mmap: reads the small "global_step" entry without pulling every tensor off the disk
-    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
-
-
-def build_callbacks(cfg: Hparams, task: Task, ckpt_dir: Path) -> list[pl.Callback]:
+def build_callbacks(cfg: Hparams, task: Task, ckpt_dir: Path, meta: Optional[dict] = None) -> list[pl.Callback]:
     callbacks: list[pl.Callback] = [
         FiniteLossGuard(cfg.trainer.finite_check_every_n_steps),
         RNGStateCheckpoint(),
         EpochTimer(),
-        # last.ckpt at every epoch end: a crash loses at most one epoch (or checkpoint_every_n_steps).
-        ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True, every_n_epochs=1,
-                        save_on_train_epoch_end=True),
+        StopOnSignal(),
+        # last.ckpt at every epoch end, every checkpoint_every_n_steps and on SIGTERM/SIGINT (atomic, finite).
+        RunCheckpoint(ckpt_dir, every_n_steps=cfg.trainer.checkpoint_every_n_steps, run_meta=meta),
         LearningRateMonitor(logging_interval="step"),
     ]
-    if cfg.trainer.checkpoint_every_n_steps > 0:
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True,
-                                         every_n_train_steps=cfg.trainer.checkpoint_every_n_steps))
     if cfg.trainer.limit_val_batches > 0:
         callbacks.append(ModelCheckpoint(
             dirpath=ckpt_dir, monitor=task.monitor, mode=task.mode, save_top_k=1,
@@ -76,24 +74,53 @@ def build_callbacks(cfg: Hparams, task: Task, ckpt_dir: Path) -> list[pl.Callbac
     return callbacks
 
 
+def check_checkpoint_fits(module: pl.LightningModule, ckpt: dict, path: str) -> None:
+    """A resumed checkpoint must hold exactly the module's tensors, with the same shapes: else the config
+    describes another architecture (e.g. a changed --backbone.depth) and nothing may be written."""
+    from config.loading import ConfigError
+
+    theirs = ckpt.get("state_dict", {})
+    ours = module.state_dict()
+    missing = [k for k in ours if k not in theirs]
+    extra = [k for k in theirs if k not in ours]
+    shapes = [k for k in ours if k in theirs and tuple(ours[k].shape) != tuple(theirs[k].shape)]
+    if missing or extra or shapes:
+        detail = (f"{shapes[0]} is {tuple(theirs[shapes[0]].shape)} there, {tuple(ours[shapes[0]].shape)} here"
+                  if shapes else f"{len(missing)} tensors missing there (e.g. {(missing or ['-'])[0]}), "
+                                 f"{len(extra)} unexpected (e.g. {(extra or ['-'])[0]})")
+        raise ConfigError(f"--trainer.resume: {path} holds another architecture than this config ({detail}); "
+                          f"resume with the run's own settings (drop the changed --backbone/--barlow/--segmentation "
+                          f"flags) or start a new run")
+
+
 def build(cfg: Hparams) -> Run:
-    """Everything a run needs, from a validated config. Writes the run directory and config.yaml."""
+    """Everything a run needs, from a validated config. Everything that can fail because of the user's input
+    (weights, data, a checkpoint that does not fit) is checked before the run directory is written."""
     task = TASKS.get(cfg.task)
     pl.seed_everything(cfg.seed, workers=True)
-    run_dir = prepare_run_dir(cfg)
-    if global_rank() == 0:
-        save_config(cfg, run_dir / "config.yaml")
+    resumed = bool(cfg.trainer.resume)
+    ckpt = read_checkpoint(Path(cfg.trainer.resume)) if resumed else None
 
-    resume_step = checkpoint_step(cfg.trainer.resume) if cfg.trainer.resume else None
+    module = task.module(to_dict(cfg))  # loads --backbone.weights etc.: a bad file fails here, nothing written yet
+    if ckpt is not None:
+        check_checkpoint_fits(module, ckpt, cfg.trainer.resume)
+    datamodule = task.datamodule(cfg)
+    if global_rank() == 0 and not cfg.trainer.eval_only:
+        datamodule.prepare_data()  # a missing data set fails before the run directory exists; Lightning's call is then a no-op
+
+    run_dir = prepare_run_dir(cfg, resumed=resumed)
+    if global_rank() == 0:
+        # after the checkpoint was read and matched; the comment on top states the effective peak lr
+        save_config(cfg, run_dir / "config.yaml", comment=lr_scaling_note(cfg))
+
+    resume_step = int(ckpt.get("global_step", 0)) if ckpt is not None else None
     loggers: list = [RunCSVLogger(run_dir, resume_step=resume_step)]
     wandb_mode = effective_wandb_mode(cfg)
     if wandb_mode != "disabled":
         loggers.append(build_wandb_logger(cfg, run_dir, wandb_mode))
 
-    module = task.module(to_dict(cfg))
     if cfg.trainer.compile:
         compile_model(module, cfg.trainer.compile_mode)
-    datamodule = task.datamodule(cfg)
     trainer = pl.Trainer(
         default_root_dir=str(run_dir),
         accelerator=cfg.trainer.accelerator,
@@ -109,15 +136,17 @@ def build(cfg: Hparams) -> Run:
         max_steps=cfg.trainer.max_steps,
         gradient_clip_val=cfg.trainer.gradient_clip_val or None,
         check_val_every_n_epoch=cfg.trainer.check_val_every_n_epoch,
+        # 1 (all batches) goes as None, Lightning's default: the same, without its "100% of the batches" lines
         limit_train_batches=_batches(cfg.trainer.limit_train_batches),
         limit_val_batches=_batches(cfg.trainer.limit_val_batches),
         num_sanity_val_steps=0,
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         deterministic=cfg.trainer.deterministic,
         logger=loggers,
-        callbacks=build_callbacks(cfg, task, run_dir / CHECKPOINT_DIR),
+        callbacks=build_callbacks(cfg, task, run_dir / CHECKPOINT_DIR, run_meta(run_dir, cfg)) + [RunModelSummary()],
+        plugins=[AtomicCheckpointIO()],
         enable_progress_bar=cfg.trainer.progress_bar,
-        enable_model_summary=True,
+        enable_model_summary=False,  # RunModelSummary above replaces Lightning's (callbacks/model_summary.py)
     )
     return Run(cfg, run_dir, task, module, datamodule, trainer)
 
@@ -139,7 +168,29 @@ def evaluate(run: Run) -> dict:
     return metrics
 
 
+class RunStopped(Exception):
+    """Training was stopped by SIGTERM/SIGINT after writing a checkpoint of the current step."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+def _stopped(run: Run) -> RunStopped:
+    import signal
+
+    stop = next((c for c in run.trainer.callbacks if isinstance(c, StopOnSignal)), None)
+    ckpt = next((c for c in run.trainer.callbacks if isinstance(c, RunCheckpoint)), None)
+    signum = stop.received if stop is not None and stop.received else signal.SIGTERM
+    saved = ckpt.last_good if ckpt is not None and ckpt.last_good_step == run.trainer.global_step else None
+    where = (f"checkpoint {saved} (step {run.trainer.global_step}); continue with: python main.py "
+             f"--trainer.resume {run.run_dir}" if saved else "no checkpoint of this step was written")
+    return RunStopped(signum, f"stopped by {signal.Signals(signum).name} at step {run.trainer.global_step}: {where}")
+
+
 def fit(run: Run) -> Run:
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
     if run.cfg.trainer.eval_only:
         try:
             evaluate(run)
@@ -153,6 +204,9 @@ def fit(run: Run) -> Run:
         if not ckpt:
             tune(run)
         run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=ckpt)
+    except SIGTERMException:
+        _finish_wandb(exit_code=1)
+        raise _stopped(run) from None
     except BaseException:
         _finish_wandb(exit_code=1)
         raise
@@ -166,5 +220,23 @@ def _finish_wandb(exit_code: int) -> None:
         wandb.finish(exit_code=exit_code)
 
 
+def _remove_if_nothing_to_keep(run_dir: Path) -> None:
+    """A new run that failed on the user's input before its first checkpoint leaves no directory behind."""
+    import shutil
+
+    if not any((run_dir / CHECKPOINT_DIR).glob("*.ckpt")):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def run(cfg: Hparams) -> Run:
-    return fit(build(cfg))
+    from datamodules.images import DataError
+    from models.weights import WeightLoadingError
+
+    built = build(cfg)
+    try:
+        return fit(built)
+    except (DataError, WeightLoadingError) as err:
+        if not cfg.trainer.resume and global_rank() == 0:
+            _finish_wandb(exit_code=1)
+            _remove_if_nothing_to_keep(built.run_dir)
+        raise

@@ -14,6 +14,15 @@ def record_nonfinite(pl_module: pl.LightningModule, loss) -> None:
     pl_module.first_nonfinite_step = torch.where(bad & (first < 0), torch.full_like(first, pl_module.global_step), first)
 
 
+def last_good_checkpoint(trainer: pl.Trainer) -> str:
+    """The last checkpoint this run wrote or resumed from (``RunCheckpoint`` writes only finite states)."""
+    for callback in trainer.callbacks:
+        if getattr(callback, "last_good", None) is not None:
+            step = getattr(callback, "last_good_step", None)
+            return f"{callback.last_good}" + (f" (step {step})" if step is not None else "")
+    return "(none: no checkpoint was written before it)"
+
+
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
@@ -30,10 +39,9 @@ class FiniteLossGuard(pl.Callback):
         step = int(pl_module.first_nonfinite_step.item())
         if step < 0:
             return
-        last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
         raise NonFiniteLossError(
             f"training loss became non-finite (NaN/inf) at step {step}; stopped at step {trainer.global_step}. "
-            f"The last good checkpoint is {last or '(none saved yet)'}. Try a lower --optim.lr, "
+            f"The last good checkpoint is {last_good_checkpoint(trainer)}. Try a lower --optim.lr, "
             f"--trainer.gradient_clip_val, a larger --data.batch_size, or --trainer.precision=32-true."
         )
 

@@ -205,8 +205,10 @@ class SegmentationConfig:
     """Semantic segmentation on VOC 2012 (task=segmentation): frozen backbone + a light head."""
 
     head: str = "setr_naive"
-    """ViT heads on the patch tokens: 'linear', 'setr_naive', 'setr_pup', 'setr_mla', 'attn_fusion' (patch
-    tokens fused with maps derived from the last block's attention); ResNet-50: 'deeplabv3'."""
+    """ViT heads on the patch tokens: 'linear', SETR's 'setr_naive', 'setr_pup', 'setr_mla', the report's
+    setr-pytorch variants 'setr_pytorch_naive' (hidden width = embed_dim) and 'setr_pytorch_pup' (a linear
+    stack of 1x1 convs), 'attn_fusion' (patch tokens fused with maps derived from the last block's
+    attention); ResNet-50: 'deeplabv3'. Architectures and parameter counts: docs/heads.md."""
 
     num_classes: int = 21
     """Output classes (VOC: background + 20); label 255 is ignored."""
@@ -218,7 +220,8 @@ class SegmentationConfig:
     """Learning rate of the backbone when it is fine-tuned (freeze_backbone=false); the head uses optim.lr."""
 
     hidden_dim: int = 256
-    """Channels of the SETR heads' hidden layers."""
+    """Channels of the SETR heads' hidden layers (setr_mla: its MLA channels, half of it in its per-level
+    heads; the setr_pytorch_* heads fix their own widths)."""
 
     mla_blocks: str = ""
     """setr_mla: comma-separated ViT block indices to aggregate, 0-based (empty = 4 evenly spaced blocks
@@ -233,10 +236,19 @@ class SegmentationConfig:
     internet); backbone.weights / backbone.pretrained then replace the backbone part."""
 
     aux_loss: bool = False
-    """deeplabv3: add the auxiliary FCN head on layer3 (weight aux_weight)."""
+    """Auxiliary heads and their losses (weight aux_weight each): deeplabv3's FCN head on layer3; setr_pup's
+    SETR auxiliary heads (on aux_blocks and the last block); setr_mla's (one per MLA level)."""
 
     aux_weight: float = 0.4
-    """Weight of the auxiliary loss."""
+    """Weight of each auxiliary loss (SETR and torchvision: 0.4)."""
+
+    aux_blocks: str = ""
+    """setr_pup with aux_loss: comma-separated 0-based ViT blocks carrying an auxiliary head, besides the last
+    block (empty = SETR's ViT-L blocks 10, 15, 20 of 24 scaled to the depth, e.g. 4,6,9 for depth 12)."""
+
+    classifier_dropout: float = 0.0
+    """setr_pup, setr_mla: Dropout2d probability before the classifier (mmseg's decode-head default 0.1;
+    SETR's own heads and mmseg's current SETR configs use 0)."""
 
     loss: Literal["ce", "dice", "focal"] = "ce"
     """Training loss; label 255 is ignored by all three."""
@@ -291,8 +303,16 @@ class CallbacksConfig:
     names (layer1..layer4); empty = a spread of 4 over the network."""
 
     erf_log_scale: bool = False
-    """Draw the receptive fields on a log colour scale (three decades): shows the spread beyond the centre,
-    which the skip connections of a ViT or ResNet otherwise dominate."""
+    """Receptive fields per pixel on a log colour scale, each panel divided by its peak (three decades).
+    Default (false): linear, each panel on its own scale; a ViT's as the mean per patch divided by the
+    largest one outside the patch under the centre token (that patch, which the residual path makes hold
+    ~90 percent of the gradient, saturates and is outlined; its share is in the title), a ResNet's per
+    pixel divided by its peak."""
+
+    erf_images: int = 64
+    """Validation images the receptive fields are averaged over (the first ones, the same every time). Fewer
+    give noise: per patch, one map's noise is 28-38 percent of its level with 4 images, 7-9 percent with 64
+    (quickstart model; it falls as 1/sqrt(images))."""
 
     cross_correlation: bool = True
     """Barlow Twins: heatmaps of the train (latest) and val (epoch-averaged) cross-correlation matrices,
@@ -310,7 +330,18 @@ class CallbacksConfig:
     emergence: bool = True
     """Barlow Twins with a ViT: every emergence_every_n_epochs, the Jaccard similarity between the last
     block's CLS attention masks (callbacks.attention_keep of the mass, best head per object) and the
-    ground-truth objects of a fixed validation subset (DINO's protocol), logged as val/attn_jaccard."""
+    ground truth of a fixed validation subset (callbacks.jaccard_protocol), logged as val/attn_jaccard.
+    The whole split: python -m tools.emergence."""
+
+    jaccard_protocol: Literal["dino", "strict"] = "dino"
+    """Emergence Jaccard protocol. 'dino': the public code later work compares with DINO's 45.9/27.3/22.0
+    (Naseer et al.: SegmentationClass classes, image and mask resized to emergence_img_size, void pixels
+    counted in the union). 'strict': SegmentationObject instances at the mask's own resolution, void
+    pixels excluded (lower numbers; not comparable with DINO's)."""
+
+    emergence_img_size: int = 512
+    """Side the images (and, for the dino protocol, the masks) are resized to for the emergence Jaccard
+    (512 in the reference code); a multiple of the patch size. Smaller is much cheaper on a CPU."""
 
     emergence_images: int = 64
     """Validation images (with masks) the emergence Jaccard is computed on (a fixed, evenly spaced subset)."""
@@ -341,7 +372,12 @@ class OptimConfig:
     """'adamw' (as in the report) or 'lars' (the official Barlow Twins recipe)."""
 
     lr: float = 5e-4
-    """Peak learning rate, reached at the end of the warmup."""
+    """Peak learning rate, reached at the end of the warmup (times global batch / 256 with lr_scaling=linear)."""
+
+    lr_scaling: Literal["none", "linear"] = "none"
+    """'none': optim.lr is the peak rate. 'linear': the peak rate is optim.lr × global batch / 256 (global
+    batch = data.batch_size × devices × nodes), as the official Barlow Twins code scales its base rates
+    (LARS: --optim.lr 0.2 gives 0.05 at batch 64). The rate used is logged as optim/effective_lr."""
 
     weight_decay: float = 0.05
     """Weight decay (the official LARS recipe uses 1.5e-6)."""
@@ -353,7 +389,8 @@ class OptimConfig:
     """Learning-rate multiplier of 1-D parameters (the official LARS recipe: 0.0048/0.2 = 0.024)."""
 
     warmup_epochs: float = 10.0
-    """Linear warmup length in epochs (fractions allowed)."""
+    """Linear warmup length in epochs (fractions allowed), from 0 as the official Barlow Twins schedule: step
+    s of the W warmup steps runs at s / W of the peak rate."""
 
     min_lr_ratio: float = 0.001
     """Final learning rate of the cosine decay as a fraction of optim.lr."""
@@ -423,7 +460,9 @@ class TrainerConfig:
     """Write training metrics every this many steps."""
 
     checkpoint_every_n_steps: int = 0
-    """Also save checkpoints/last.ckpt every this many steps (0 = at the end of each epoch only)."""
+    """Also save checkpoints/last.ckpt every this many optimizer steps (0 = at every epoch end only; it is
+    always written at every epoch end, and when SIGTERM/SIGINT stops the run). A kill loses at most the
+    steps since the last one; resuming continues mid-epoch with the same batches as never stopping."""
 
     finite_check_every_n_steps: int = 20
     """Check that the loss stayed finite every this many steps (and at each epoch end) — a host sync,
@@ -445,7 +484,9 @@ class TrainerConfig:
 
     tune_lr: bool = False
     """Before training (after tune_batch_size), run the LR range test and train with the suggested peak
-    learning rate; its loss-vs-LR plot goes to media/lr_finder.png and wandb."""
+    learning rate, if its curve supports it (utils/tuning.py: check_lr_curve): at least 20 steps, the
+    loss falls meaningfully (5 percent and 4 noise standard errors), the suggestion is inside the curve
+    on its falling part. Otherwise a warning, and optim.lr is kept. Plot: media/lr_finder.png and wandb."""
 
     tune_lr_min: float = 1e-6
     """LR range test: smallest learning rate tried."""
@@ -453,16 +494,20 @@ class TrainerConfig:
     tune_lr_max: float = 1.0
     """LR range test: largest learning rate tried."""
 
-    tune_lr_steps: int = 100
-    """LR range test: number of training steps (at least 13 finite losses are needed for a suggestion)."""
+    tune_lr_steps: int = 30
+    """LR range test: training steps (at data.batch_size; at least 20 finite losses for its suggestion to be
+    used). Cost: as many training steps, no validation. Quickstart model on a 2-core CPU: 30 steps 18 s
+    (3.4 of its 5.2 s epochs), 100 steps 57 s."""
 
     eval_only: bool = False
     """Evaluate on the validation split without training (segmentation: with --backbone.weights and
     --segmentation.head_weights), writing the metrics to the run directory."""
 
     resume: str = ""
-    """Continue a run: a checkpoint path, or 'auto' (checkpoints/last.ckpt of log.run_name, or of the
-    newest run in log.output_dir). The run's own config.yaml is the base; flags given now override it."""
+    """Continue a run in its own directory: a run directory, a checkpoint in it, or 'auto' with
+    --log.run_name (resume that run if it exists, else start it: the preemption/requeue form). The run's
+    config.yaml is the base; flags given now override it (e.g. a larger max_epochs). Never stored in
+    config.yaml."""
 
     deterministic: bool = False
     """Force deterministic algorithms (slower; some CUDA ops only warn)."""

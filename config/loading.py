@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 import sys
 import typing
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any, Literal, Optional, Sequence
 import yaml
 from simple_parsing import ArgumentGenerationMode, ArgumentParser, NestedMode
 
+from config.help import EPILOG, USAGE, HelpFormatter, retitle_groups
 from config.hparams import Hparams
 
 
@@ -28,6 +31,11 @@ class _Parser(ArgumentParser):
 
     def error(self, message: str) -> typing.NoReturn:
         raise ConfigError(f"{message} (see python main.py --help)")
+
+    def format_help(self) -> str:
+        self._preprocessing()  # simple-parsing adds the dataclass groups here; name them before printing
+        retitle_groups(self)
+        return super().format_help()
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -100,14 +108,25 @@ def from_dict(mapping: dict, source: str = "config") -> Hparams:
     return cfg
 
 
-def save_config(cfg: Hparams, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def save_config(cfg: Hparams, path: str | Path, comment: str = "") -> None:
+    """Write the resolved config. ``trainer.resume`` is left out (empty): a config file describes a run, and
+    giving it back with ``--config`` must start a new run with it, never continue the old one."""
+    data = to_dict(cfg)
+    data["trainer"]["resume"] = ""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    header = "".join(f"# {line}\n" for line in comment.splitlines())
+    tmp.write_text(header + yaml.safe_dump(data, sort_keys=False))
+    os.replace(tmp, path)  # a kill mid-write never leaves a half config.yaml
 
 
 def build_parser(default: Optional[Hparams] = None) -> ArgumentParser:
     parser = _Parser(
         prog="main.py",
+        usage=USAGE,
         description=Hparams.__doc__,
+        epilog=EPILOG,
+        formatter_class=HelpFormatter,
         argument_generation_mode=ArgumentGenerationMode.NESTED,
         nested_mode=NestedMode.WITHOUT_ROOT,
         add_help=True,
@@ -141,17 +160,53 @@ def _layered(argv: Sequence[str], base: Optional[dict]) -> Hparams:
     return build_parser(default).parse_args(list(argv)).hp
 
 
+def _explicit_flags(argv: Sequence[str]) -> set[str]:
+    """The dotted field names given as command-line flags (``--log.run_name=x`` or ``--log.run_name x``)."""
+    return {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--") and "." in arg.split("=", 1)[0]}
+
+
+def check_finite(cfg: Any, prefix: str = "") -> None:
+    """Every float field must be a finite number: NaN/inf would otherwise pass every range check
+    (comparisons with NaN are False) and surface later as a traceback or a misleading message."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_finite(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{prefix}{f.name} must be a finite number, got {value}")
+
+
 def parse_config(argv: Optional[Sequence[str]] = None) -> Hparams:
-    """Parse the layers into a config (not yet validated: see :func:`config.validation.validate`)."""
+    """Parse the layers into a config (not yet validated: see :func:`config.validation.validate`).
+
+    Resuming (``--trainer.resume``): the checkpoint's run directory is the run directory, and its
+    ``config.yaml`` the base layer; ``--log.run_name``/``--log.output_dir`` naming another directory, an
+    unreadable checkpoint, another run's checkpoint or another task's are one-line errors."""
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = _layered(argv, base=None)
+    check_finite(cfg)
     if cfg.trainer.resume:
-        from utils.run_dir import resolve_resume  # local: keeps config importable on its own
+        # local: the checkpoint checks need torch; a new run's config errors are reported without it
+        from utils.run_dir import check_resume, checkpoint_run_dir, find_resume_checkpoint, read_checkpoint
 
-        ckpt = resolve_resume(cfg)
-        if ckpt is not None:
-            run_config = ckpt.parent.parent / "config.yaml"
-            if run_config.is_file():
-                cfg = _layered(argv, base=load_yaml(run_config))
-            cfg.trainer.resume = str(ckpt)
+        ckpt_path = find_resume_checkpoint(cfg)
+        if ckpt_path is None:  # 'auto' and the named run does not exist yet: a new run
+            cfg.trainer.resume = ""
+            return cfg
+        run_dir = checkpoint_run_dir(ckpt_path)
+        explicit = _explicit_flags(argv)
+        if "log.run_name" in explicit and cfg.log.run_name != run_dir.name:
+            raise ConfigError(f"--log.run_name={cfg.log.run_name} differs from the run being resumed ({run_dir}); "
+                              f"a resumed run writes only into its own directory (drop --log.run_name)")
+        if "log.output_dir" in explicit and Path(cfg.log.output_dir).resolve() != run_dir.parent:
+            raise ConfigError(f"--log.output_dir={cfg.log.output_dir} is not where the resumed run lives "
+                              f"({run_dir.parent}); a resumed run writes only into its own directory")
+        ckpt = read_checkpoint(ckpt_path)
+        cfg = _layered(argv, base=load_yaml(run_dir / "config.yaml"))
+        check_finite(cfg)
+        if Path(cfg.log.output_dir).resolve() != run_dir.parent:  # e.g. the run directory was moved
+            cfg.log.output_dir = str(run_dir.parent)
+        cfg.log.run_name = run_dir.name
+        cfg.trainer.resume = str(ckpt_path)
+        check_resume(cfg, ckpt_path, ckpt)
     return cfg

@@ -13,7 +13,7 @@ from config.hparams import AugmentConfig, DataConfig
 from datamodules.gpu_augment import DeviceAugmentTransform
 from datamodules.images import DataError, load_rgb
 from datamodules.registry import DATASETS
-from datamodules.sampling import SeededSampler, seeded
+from datamodules.sampling import SeededSampler, resume_mid_epoch, seeded
 from datamodules.transforms import BarlowTwinsTransform
 from datamodules.voc import all_image_ids, existing_image_paths, read_split
 
@@ -150,7 +150,9 @@ class BarlowTwinsDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, train=True)
+        loader = self._loader(self.train_set, self.batch_size, train=True)
+        resume_mid_epoch(loader, self.trainer)  # a run resumed from a step checkpoint continues mid-epoch
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         batch = max(2, min(self.batch_size, len(self.val_set)))

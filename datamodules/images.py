@@ -7,9 +7,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_image, read_file
 
 
-class DataError(RuntimeError):
-    """Bad or missing data; the message names the file. (One-string constructor, so DataLoader workers
-    re-raise it with its type intact.)"""
+from datamodules.errors import DataError  # noqa: E402,F401  (raised here; importable without torch from errors)
 
 
 def load_rgb(path: str | Path) -> torch.Tensor:
@@ -18,4 +16,5 @@ def load_rgb(path: str | Path) -> torch.Tensor:
         data = read_file(str(path))
         return decode_image(data, mode=ImageReadMode.RGB)
     except Exception as err:  # noqa: BLE001 - torchvision raises RuntimeError/ValueError depending on damage
-        raise DataError(f"cannot decode image {path}: {err}") from None
+        reason = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the decoder says
+        raise DataError(f"cannot decode image {path}: {reason}") from None

@@ -56,6 +56,8 @@ class SeededSampler(Sampler):
         self.even = even
         self.shard = shard
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, items of this shard already trained on)
+        self._resume_at_first_iteration = None  # a callable giving such a pair when first iterated
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -71,15 +73,59 @@ class SeededSampler(Sampler):
     def __len__(self) -> int:
         return len(self._positions())
 
+    def resume_within_epoch(self, epoch: int, skip: int) -> None:
+        """The next pass over ``epoch`` starts at item ``skip`` of this process's shard, continuing a run
+        resumed from a checkpoint taken mid-epoch: the items it trained on before are not drawn again, and
+        the rest come in the same order with the same item seeds. ``len()`` stays the full epoch's (the
+        trainer's count of batches per epoch must not change). Used once."""
+        self._resume = (epoch, skip) if skip > 0 else None
+
+    def resume_when_iterated(self, where) -> None:
+        """Like :meth:`resume_within_epoch`, with ``where()`` (→ ``(epoch, skip)`` or None) called at the first
+        iteration, when the information it needs exists."""
+        self._resume_at_first_iteration = where
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self._resume_at_first_iteration is not None:
+            where, self._resume_at_first_iteration = self._resume_at_first_iteration, None
+            found = where()
+            if found is not None:
+                self.resume_within_epoch(*found)
         epoch = self.epoch if self.vary_with_epoch else 0
+        positions = self._positions()
+        if self._resume is not None and self._resume[0] == self.epoch:
+            positions = positions[self._resume[1]:]
+            self._resume = None
         if self.shuffle:
             generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0))
             order = torch.randperm(self.num_items, generator=generator).tolist()
         else:
             order = range(self.num_items)
-        for position in self._positions():
+        for position in positions:
             yield order[position], mix_seed(self.seed, epoch, 1, position)
+
+
+def resume_mid_epoch(loader, trainer) -> None:
+    """If ``trainer`` is fitting from a checkpoint taken in the middle of an epoch, make the training loader's
+    :class:`SeededSampler` skip the batches that epoch already trained on. Lightning restores the step
+    counter but, for a plain DataLoader, would start the epoch's data from its first batch again.
+
+    Decided at the loader's first iteration, not now: Lightning asks for the training loader before it
+    restores the checkpoint (to count the steps for the LR schedule). Every epoch has the same number of
+    optimizer steps (``drop_last``, no gradient accumulation), so the restored step counter alone says where
+    the run stopped: epoch ``global_step // steps_per_epoch``, batch ``global_step % steps_per_epoch``."""
+    sampler = getattr(loader, "sampler", None)
+    if trainer is None or not isinstance(sampler, SeededSampler) or not getattr(trainer, "ckpt_path", None):
+        return
+
+    def where() -> tuple[int, int] | None:
+        batches = trainer.num_training_batches
+        if not isinstance(batches, int) or batches <= 0:
+            return None
+        epoch, done = divmod(trainer.global_step, batches)
+        return epoch, done * loader.batch_size
+
+    sampler.resume_when_iterated(where)
 
 
 @contextmanager

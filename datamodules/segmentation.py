@@ -15,7 +15,7 @@ from config.hparams import DataConfig, SegmentationConfig
 from datamodules.barlow_twins import default_num_workers, evenly_spaced
 from datamodules.images import DataError, load_rgb
 from datamodules.registry import DATASETS
-from datamodules.sampling import SeededSampler, seeded
+from datamodules.sampling import SeededSampler, resume_mid_epoch, seeded
 from datamodules.transforms import segmentation_eval_transform, segmentation_train_transform
 from datamodules.voc import existing_image_paths, read_split, voc_dir
 
@@ -128,7 +128,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, train=True)
+        loader = self._loader(self.train_set, self.batch_size, train=True)
+        resume_mid_epoch(loader, self.trainer)  # a run resumed from a step checkpoint continues mid-epoch
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.batch_size, train=False)

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from config.hparams import DataConfig
-from datamodules.images import DataError
+from datamodules.errors import DataError
 from datamodules.registry import DATASETS
 
 log = logging.getLogger(__name__)
@@ -78,12 +78,44 @@ class VOCSource:
         if not is_voc_root(cfg.root):
             if not cfg.download:
                 raise DataError(VOCSource.check(cfg) or f"no VOC 2012 under {cfg.root}")
-            from torchvision.datasets import VOCSegmentation
-
-            log.info("downloading Pascal VOC 2012 into %s (about 2 GB)", cfg.root)
-            Path(cfg.root).mkdir(parents=True, exist_ok=True)
-            VOCSegmentation(cfg.root, year="2012", image_set="train", download=True)
+            download_voc(Path(cfg.root))
         return Path(cfg.root)
+
+
+def download_voc(root: Path) -> None:
+    """torchvision's VOC 2012 download and extraction into ``root``, failing in one line (--data.download).
+
+    The archive already in ``root`` (VOCtrainval_11-May-2012.tar, MD5-checked) is extracted with no network.
+    Otherwise one quick connection attempt (utils.downloads) comes first: urllib has no timeout, and a
+    machine without network would otherwise wait minutes and end in a traceback.
+    """
+    import tarfile
+
+    from torchvision.datasets.utils import check_integrity
+    from torchvision.datasets.voc import DATASET_YEAR_DICT, VOCSegmentation
+
+    from utils.downloads import connection_problem, one_line
+
+    entry = DATASET_YEAR_DICT["2012"]
+    url, archive = entry["url"], root / entry["filename"]
+    offline = (f"offline: point --data.root at a folder holding {VOC_SUBDIR}, or put the archive "
+               f"{entry['filename']} into {root} and run again")
+    root.mkdir(parents=True, exist_ok=True)
+    if not (archive.is_file() and check_integrity(str(archive), entry["md5"])):
+        problem = connection_problem(url)
+        if problem:
+            what = (f"{archive} is incomplete or damaged (its MD5 differs) and cannot be downloaded again"
+                    if archive.is_file() else f"cannot download Pascal VOC 2012 ({entry['filename']}, 2 GB)")
+            raise DataError(f"--data.download: {what} from {url}: {problem}; {offline}")
+        log.info("downloading Pascal VOC 2012 from %s into %s (about 2 GB)", url, root)
+    try:
+        VOCSegmentation(str(root), year="2012", image_set="train", download=True)
+    except (OSError, RuntimeError, tarfile.TarError) as err:  # network, disk, a damaged download
+        raise DataError(f"--data.download: getting Pascal VOC 2012 from {url} into {root} failed: "
+                        f"{one_line(err, 200)}; {offline}") from None
+    if not is_voc_root(root):
+        raise DataError(f"--data.download: {archive} was extracted but {voc_dir(root)} has no JPEGImages and "
+                        f"ImageSets/Segmentation; {offline}")
 
 
 class SyntheticSource:

@@ -57,7 +57,9 @@ def test_tiny_vit_run_writes_the_run_directory(tiny, tmp_path):
     ours = to_dict(parse_config(args))
     assert {k: config[k] for k in ours} == ours
     wandb_losses = [(h["trainer/global_step"], h["train/loss_step"]) for h in history if "train/loss_step" in h]
-    assert wandb_losses == pytest.approx(train)
+    # pytest 9's approx refuses lists of tuples: compare steps exactly and values approximately
+    assert [s for s, _ in wandb_losses] == [s for s, _ in train]
+    assert [v for _, v in wandb_losses] == pytest.approx([v for _, v in train])
 
 
 def test_config_yaml_reproduces_the_run(tiny, tmp_path):
@@ -135,16 +137,18 @@ def test_corrupted_jpeg_error_names_the_file(tiny, tmp_path, voc_root, capsys, w
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, capsys):
     assert main.main(tiny("nan", trainer__max_epochs=1)) == 0
     last = tmp_path / "runs" / "nan" / "checkpoints" / "last.ckpt"
-    before = last.read_bytes()
-    # an absurd learning rate blows the weights up after the first resumed step
+    # an absurd learning rate blows the weights up within a few resumed steps
     rc = main.main(["--trainer.resume", str(last), "--trainer.max_epochs=3", "--optim.lr=1e30",
                     "--trainer.finite_check_every_n_steps=3", "--trainer.checkpoint_every_n_steps=1"])
     assert rc == 1
     err = capsys.readouterr().err
-    assert "training loss became non-finite" in err and str(last) in err
-    assert last.read_bytes() == before  # no poisoned checkpoint was written
-    params = ckpt(last)["state_dict"]
-    assert all(torch.isfinite(v).all() for v in params.values() if v.is_floating_point())
+    # the loss guard or the checkpoint's state check (weights blow up before the loss does) stops it
+    assert "non-finite" in err and f"last good checkpoint is {last}" in err
+    state = ckpt(last)  # whatever step it holds, nothing in it is NaN/inf
+    tensors = list(state["state_dict"].values())
+    tensors += [v for opt in state["optimizer_states"] for s in opt["state"].values() for v in s.values()
+                if torch.is_tensor(v)]
+    assert all(torch.isfinite(v).all() for v in tensors if v.is_floating_point())
 
 
 def test_online_without_credentials_falls_back_to_offline(tiny, tmp_path, monkeypatch, caplog):

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # also works with a bare `pytest` run and no pytest config
     sys.path.insert(0, str(REPO_ROOT))
 
+from datamodules.images import DataError  # noqa: E402
 from utils import synthetic_voc as sv  # noqa: E402
 from utils.synthetic_voc import VOC_CLASSES, VOC_PALETTE, ensure_synthetic_voc, generate_synthetic_voc  # noqa: E402
 
@@ -153,7 +157,7 @@ def test_same_seed_is_byte_identical_and_workers_do_not_matter(tmp_path):
     a = generate_synthetic_voc(tmp_path / "a", 6, 3, 48, seed=5)
     b = generate_synthetic_voc(tmp_path / "b", 6, 3, 48, seed=5, num_workers=2)
     ta, tb = _tree_bytes(a), _tree_bytes(b)
-    assert len(ta) == 3 * 9 + 3
+    assert len(ta) == 3 * 9 + 3 + 1  # images and masks, split lists, marker
     assert ta == tb
 
 
@@ -296,28 +300,160 @@ def test_smallest_size_works(tmp_path):
         assert 1 <= len(set(np.unique(cls).tolist()) - {0, 255}) <= 3
 
 
+# ------------------------------------------------------------------------------------------ marker & refusal
+
+
+def _snapshot(root: Path):
+    """Every entry under ``root`` (and root itself): kind, bytes of files, link targets and mtimes."""
+    out = {}
+    for p in [Path(root)] + sorted(Path(root).rglob("*")):
+        st = p.lstat()
+        if p.is_symlink():
+            kind = ("link", os.readlink(p))
+        elif p.is_dir():
+            kind = ("dir", None)
+        else:
+            kind = ("file", p.read_bytes())
+        out[str(p.relative_to(root))] = (kind, st.st_mtime_ns, st.st_mode)
+    return out
+
+
+def _fake_voc_root(root: Path) -> Path:
+    """A real-looking VOC root: ids like VOC's, none of them written by the generator, no marker."""
+    voc = _voc(root)
+    for sub in ("JPEGImages", "SegmentationClass", "SegmentationObject", "ImageSets/Segmentation", "Annotations"):
+        (voc / sub).mkdir(parents=True)
+    ids = ["2007_000032", "2007_000039", "2007_000063"]
+    rng = np.random.default_rng(0)
+    for i in ids:
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(voc / "JPEGImages" / f"{i}.jpg")
+        (voc / "SegmentationClass" / f"{i}.png").write_bytes(b"not really a png")
+        (voc / "Annotations" / f"{i}.xml").write_text("<annotation/>")
+    for split, chosen in (("train", ids[:2]), ("val", ids[2:]), ("trainval", ids)):
+        (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(i + "\n" for i in chosen))
+    return root
+
+
+def test_marker_names_the_generator_format_and_parameters(tmp_path):
+    root = generate_synthetic_voc(tmp_path / "out", 3, 2, 32, seed=7)
+    assert sorted(p.name for p in root.iterdir()) == ["VOCdevkit", "synthetic_voc.json"]
+    assert json.loads((root / "synthetic_voc.json").read_text()) == {
+        "generator": "vitssl utils.synthetic_voc", "format_version": sv.FORMAT_VERSION,
+        "n_train": 3, "n_val": 2, "size": 32, "seed": 7,
+    }
+    # nothing but the dataset and its lock beside it: no temporary folder left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]
+
+
+def test_refuses_a_real_voc_root_and_leaves_it_byte_for_byte_unchanged(tmp_path):
+    root = _fake_voc_root(tmp_path / "voc")
+    before, parent_before = _snapshot(root), sorted(os.listdir(tmp_path))
+    with pytest.raises(sv.ForeignDirectoryError, match="was not made by utils.synthetic_voc") as err:
+        generate_synthetic_voc(root, 4, 2, 32, seed=0)
+    assert str(root.resolve()) in str(err.value) and "VOCdevkit" in str(err.value)
+    assert isinstance(err.value, DataError)  # main.py reports DataError as one line
+    assert _snapshot(root) == before
+    assert sorted(os.listdir(tmp_path)) == parent_before  # not even a lock file or a temporary folder
+
+    # the same through the command line: one "error:" line naming the folder, exit status 2
+    res = subprocess.run(
+        [sys.executable, "-m", "utils.synthetic_voc", str(root), "--train", "4", "--val", "2", "--size", "32"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(root.resolve()) in lines[0], res.stderr
+    assert "move this one away" in lines[0] and res.stdout == ""
+    assert _snapshot(root) == before and sorted(os.listdir(tmp_path)) == parent_before
+
+
+@pytest.mark.parametrize("case", ["foreign_file", "extra_file_in_own_dataset", "other_generator_marker", "plain_file"])
+def test_refuses_any_non_empty_foreign_target(tmp_path, case):
+    target = tmp_path / "target"
+    if case == "foreign_file":
+        target.mkdir()
+        (target / "notes.txt").write_text("mine")
+    elif case == "extra_file_in_own_dataset":
+        generate_synthetic_voc(target, 3, 1, 32, seed=0)
+        (_voc(target) / "JPEGImages" / "holiday.jpg").write_bytes(b"mine")
+    elif case == "other_generator_marker":
+        target.mkdir()
+        (target / "synthetic_voc.json").write_text(json.dumps({"generator": "someone else", "n_train": 3}))
+    else:
+        target.write_text("mine")
+    before = _snapshot(target)
+    with pytest.raises(sv.ForeignDirectoryError, match="nothing was written") as err:
+        generate_synthetic_voc(target, 3, 1, 32, seed=0)
+    if case == "extra_file_in_own_dataset":
+        assert "VOCdevkit/VOC2012/JPEGImages/holiday.jpg, which it did not write" in str(err.value)
+    assert _snapshot(target) == before
+    assert not list(tmp_path.glob(".target.tmp-*"))
+
+
+def test_empty_target_folder_is_used(tmp_path):
+    (tmp_path / "empty").mkdir()
+    root = generate_synthetic_voc(tmp_path / "empty", 2, 1, 32, seed=0)
+    assert _ids(root, "trainval") == ["train_000001", "train_000002", "val_000001"]
+
+
+def test_regenerating_an_own_dataset_replaces_it_completely(tmp_path):
+    out = generate_synthetic_voc(tmp_path / "out", 6, 3, 32, seed=1)
+    generate_synthetic_voc(out, 3, 1, 48, seed=2)  # other parameters: allowed, old files all gone
+    reference = generate_synthetic_voc(tmp_path / "reference", 3, 1, 48, seed=2)
+    assert _tree_bytes(out) == _tree_bytes(reference)
+    assert not (_voc(out) / "JPEGImages" / "train_000006.jpg").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", ".reference.lock", "out", "reference"]
+
+
+def test_an_older_format_version_is_rebuilt_not_refused(tmp_path):
+    out = generate_synthetic_voc(tmp_path / "out", 3, 1, 32, seed=0)
+    marker = json.loads((out / "synthetic_voc.json").read_text())
+    (out / "synthetic_voc.json").write_text(json.dumps({**marker, "format_version": sv.FORMAT_VERSION - 1}))
+    generate_synthetic_voc(out, 3, 1, 32, seed=0)
+    assert json.loads((out / "synthetic_voc.json").read_text())["format_version"] == sv.FORMAT_VERSION
+
+
+def test_without_a_lock_generation_works_and_leftovers_are_left_alone(tmp_path, monkeypatch):
+    fcntl = pytest.importorskip("fcntl")
+    leftover = tmp_path / ".out.tmp-99999999-0123abcd"
+    generate_synthetic_voc(leftover, 2, 1, 32, seed=0)  # a complete folder of ours under a temporary name
+
+    def no_flock(fd, op):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    out = generate_synthetic_voc(tmp_path / "out", 2, 1, 32, seed=0)
+    assert (out / "synthetic_voc.json").is_file()
+    assert leftover.is_dir()  # without the lock a live run could own it: not ours to remove
+
+
 # ------------------------------------------------------------------------------------------ cache
 
 
-def test_ensure_caches_and_reuses(tmp_path, monkeypatch):
+def _counting_render(monkeypatch):
     calls = []
-    real = sv.generate_synthetic_voc
+    real = sv._render_into
 
     def counting(*args, **kwargs):
-        calls.append(args)
+        calls.append(args[1:])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sv, "generate_synthetic_voc", counting)
+    monkeypatch.setattr(sv, "_render_into", counting)
+    return calls
+
+
+def test_ensure_caches_and_reuses(tmp_path, monkeypatch):
+    calls = _counting_render(monkeypatch)
     root = ensure_synthetic_voc(tmp_path, 5, 2, 32, seed=4)
     assert root == tmp_path / "synthetic_voc_t5_v2_s32_seed4"
-    marker = json.loads((root / ".complete").read_text())
-    assert marker["format_version"] == sv.FORMAT_VERSION
+    marker = json.loads((root / "synthetic_voc.json").read_text())
+    assert marker["generator"] == "vitssl utils.synthetic_voc" and marker["format_version"] == sv.FORMAT_VERSION
     assert (marker["n_train"], marker["n_val"], marker["size"], marker["seed"]) == (5, 2, 32, 4)
-    mtime = (root / ".complete").stat().st_mtime_ns
+    mtime = (root / "synthetic_voc.json").stat().st_mtime_ns
     assert len(calls) == 1
 
     assert ensure_synthetic_voc(tmp_path, 5, 2, 32, seed=4) == root
-    assert len(calls) == 1 and (root / ".complete").stat().st_mtime_ns == mtime
+    assert len(calls) == 1 and (root / "synthetic_voc.json").stat().st_mtime_ns == mtime
     # no temporary folders left behind
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [root.name]
 
@@ -329,41 +465,80 @@ def test_ensure_caches_and_reuses(tmp_path, monkeypatch):
     assert other != root and len(calls) == 2
 
 
-def test_ensure_ignores_incomplete_or_stale_folder(tmp_path, monkeypatch):
-    name = "synthetic_voc_t3_v1_s32_seed0"
-    half = tmp_path / name
-    (half / "VOCdevkit" / "VOC2012" / "JPEGImages").mkdir(parents=True)
-    (half / "VOCdevkit" / "VOC2012" / "JPEGImages" / "junk.jpg").write_bytes(b"half-written")
-    (tmp_path / f"{name}.tmp-123-deadbeef").mkdir()  # leftover of a crashed run
+def test_ensure_never_uses_or_overwrites_a_folder_without_its_marker(tmp_path):
+    from datamodules.voc import SyntheticSource
+
+    # a complete-looking set whose marker is gone: unknown origin, so neither used nor replaced
     root = ensure_synthetic_voc(tmp_path, 3, 1, 32, seed=0)
-    assert root == half and (root / ".complete").is_file()
-    assert not (root / "VOCdevkit" / "VOC2012" / "JPEGImages" / "junk.jpg").exists()
-    assert len(_ids(root, "trainval")) == 4
-    assert not list(tmp_path.glob(f"{name}.tmp-*")) and not list(tmp_path.glob(f"{name}.stale-*"))
+    (root / "synthetic_voc.json").unlink()
+    before = _snapshot(root)
+    with pytest.raises(sv.ForeignDirectoryError, match="no valid synthetic_voc.json marker"):
+        ensure_synthetic_voc(tmp_path, 3, 1, 32, seed=0)
+    cfg = SimpleNamespace(root=str(tmp_path), synthetic_train=3, synthetic_val=1, synthetic_size=32, synthetic_seed=0)
+    with pytest.raises(DataError, match=str(root.resolve())):
+        SyntheticSource.prepare(cfg)
+    assert _snapshot(root) == before
 
-    # a marker of another format version is not trusted either
-    (root / ".complete").write_text(json.dumps({"format_version": -1}))
-    calls = []
-    real = sv.generate_synthetic_voc
-    monkeypatch.setattr(sv, "generate_synthetic_voc", lambda *a, **k: (calls.append(a), real(*a, **k))[1])
+
+def test_ensure_rebuilds_own_stale_or_legacy_sets_and_removes_only_own_leftovers(tmp_path, monkeypatch):
+    calls = _counting_render(monkeypatch)
+    name = "synthetic_voc_t3_v1_s32_seed0"
+    root = tmp_path / name
+    # a set cached before the generator marked its output: legacy ".complete" marker, older format
+    generate_synthetic_voc(root, 3, 1, 32, seed=0)
+    (root / "synthetic_voc.json").unlink()
+    (root / ".complete").write_text(json.dumps({"format_version": 1, "n_train": 3, "n_val": 1, "size": 32, "seed": 0}))
+    # leftovers: a killed run's temporary folder (ours) and folders with our name pattern that are not ours
+    killed = tmp_path / f".{name}.tmp-123-deadbeef"
+    killed.mkdir()
+    (killed / "synthetic_voc.partial").write_text(json.dumps(sv._marker_content(3, 1, 32, 0)))
+    (_voc(killed) / "JPEGImages").mkdir(parents=True)
+    (_voc(killed) / "JPEGImages" / "train_000001.jpg").write_bytes(b"half-written")
+    not_ours = tmp_path / f".{name}.tmp-456-cafebabe"
+    not_ours.mkdir()
+    (not_ours / "thesis.tex").write_text("mine")
+    ours_plus_foreign = tmp_path / f".{name}.old-789-0badf00d"
+    generate_synthetic_voc(ours_plus_foreign, 2, 1, 32, seed=0)
+    (ours_plus_foreign / "thesis.tex").write_text("mine")
+    calls.clear()
+
+    assert ensure_synthetic_voc(tmp_path, 3, 1, 32, seed=0) == root
+    assert len(calls) == 1
+    assert json.loads((root / "synthetic_voc.json").read_text()) == sv._marker_content(3, 1, 32, 0)
+    assert not (root / ".complete").exists()
+    assert _tree_bytes(root) == _tree_bytes(generate_synthetic_voc(tmp_path / "reference", 3, 1, 32, seed=0))
+    assert not killed.exists()
+    assert (not_ours / "thesis.tex").read_text() == "mine" and (ours_plus_foreign / "thesis.tex").is_file()
+
+    # a marker of other parameters (e.g. a set copied under this name) is rebuilt as well
+    (root / "synthetic_voc.json").write_text(json.dumps(sv._marker_content(3, 1, 32, 1)))
+    calls.clear()
     ensure_synthetic_voc(tmp_path, 3, 1, 32, seed=0)
-    assert len(calls) == 1 and json.loads((root / ".complete").read_text())["format_version"] == sv.FORMAT_VERSION
+    assert len(calls) == 1 and json.loads((root / "synthetic_voc.json").read_text())["seed"] == 0
 
 
-def test_ensure_crash_leaves_nothing_marked_complete(tmp_path, monkeypatch):
-    real = sv.generate_synthetic_voc
+def test_ensure_crash_leaves_the_previous_state(tmp_path, monkeypatch):
+    real = sv._render_into
 
-    def crash(out_dir, *args, **kwargs):
-        real(out_dir, *args, **kwargs)
+    def crash(*args, **kwargs):
+        real(*args, **kwargs)
         raise KeyboardInterrupt("simulated crash after writing the files")
 
-    monkeypatch.setattr(sv, "generate_synthetic_voc", crash)
+    monkeypatch.setattr(sv, "_render_into", crash)
     with pytest.raises(KeyboardInterrupt):
         ensure_synthetic_voc(tmp_path, 3, 1, 32, seed=0)
-    assert list(p.name for p in tmp_path.iterdir() if p.is_dir()) == []
-    monkeypatch.setattr(sv, "generate_synthetic_voc", real)
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == []
+    # over an existing own dataset: it stays as it was
+    monkeypatch.setattr(sv, "_render_into", real)
+    previous = generate_synthetic_voc(tmp_path / "out", 2, 1, 32, seed=3)
+    before = _snapshot(previous)
+    monkeypatch.setattr(sv, "_render_into", crash)
+    with pytest.raises(KeyboardInterrupt):
+        generate_synthetic_voc(previous, 4, 1, 32, seed=0)
+    assert _snapshot(previous) == before and not list(tmp_path.glob(".out.tmp-*"))
+    monkeypatch.setattr(sv, "_render_into", real)
     root = ensure_synthetic_voc(tmp_path, 3, 1, 32, seed=0)
-    assert (root / ".complete").is_file()
+    assert (root / "synthetic_voc.json").is_file()
 
 
 def test_ensure_concurrent_processes(tmp_path):
@@ -375,12 +550,82 @@ def test_ensure_concurrent_processes(tmp_path):
         subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
         for _ in range(3)
     ]
-    outs = [p.communicate(timeout=60)[0].strip() for p in procs]
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert len(set(outs)) == 1
     root = Path(outs[0])
-    assert (root / ".complete").is_file() and len(_ids(root, "trainval")) == 35
+    assert (root / "synthetic_voc.json").is_file() and len(_ids(root, "trainval")) == 35
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [root.name]
+
+
+# ------------------------------------------------------------------------------------------ killed runs
+
+
+def _kill_cli_midway(out: Path, *flags: str) -> Path:
+    """Starts ``python -m utils.synthetic_voc OUT FLAGS`` (many images, so it cannot finish in time) and
+    SIGKILLs it once its temporary folder holds 20 images; returns that temporary folder."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "utils.synthetic_voc", str(out), *flags],
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            tmps = list(out.parent.glob(f".{out.name}.tmp-*"))
+            images = _voc(tmps[0]) / "JPEGImages" if tmps else None
+            if images is not None and images.is_dir() and len(os.listdir(images)) >= 20:
+                break
+            assert proc.poll() is None, f"generator ended early: {proc.stderr.read().decode()}"
+            assert time.monotonic() < deadline, "generator wrote no images in 120 s"
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    return tmps[0]
+
+
+def _lock_becomes_free(lock: Path, seconds: float = 20.0) -> bool:
+    fcntl = pytest.importorskip("fcntl")
+    deadline = time.monotonic() + seconds
+    with open(lock, "a") as fh:
+        while time.monotonic() < deadline:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                time.sleep(0.05)
+                continue
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            return True
+    return False
+
+
+def test_killed_regeneration_leaves_the_previous_dataset_intact(tmp_path):
+    out = generate_synthetic_voc(tmp_path / "out", 3, 1, 32, seed=1)
+    before = _snapshot(out)
+    tmp = _kill_cli_midway(out, "--train", "5000", "--val", "10", "--size", "64", "--seed", "2")
+    # killed mid-way: its temporary folder is incomplete (no marker), and OUT was never touched
+    assert not (tmp / "synthetic_voc.json").exists()
+    assert len(os.listdir(_voc(tmp) / "JPEGImages")) < 5010
+    assert _snapshot(out) == before
+    # the next run over OUT works and removes the killed run's leftover
+    generate_synthetic_voc(out, 2, 1, 32, seed=0)
+    assert _tree_bytes(out) == _tree_bytes(generate_synthetic_voc(tmp_path / "reference", 2, 1, 32, seed=0))
+    assert not tmp.exists()
+
+
+def test_killed_generation_with_workers_leaves_nothing_usable_and_ensure_rebuilds(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    target = cache / sv.cache_dir_name(3, 1, 32, 0)
+    tmp = _kill_cli_midway(target, "--train", "5000", "--val", "10", "--size", "64", "--workers", "2")
+    assert not target.exists()
+    # the killed run's pool workers exit too: they would otherwise hold its lock and hang the next run
+    assert _lock_becomes_free(cache / f".{target.name}.lock")
+    assert ensure_synthetic_voc(cache, 3, 1, 32, seed=0) == target
+    assert _tree_bytes(target) == _tree_bytes(generate_synthetic_voc(tmp_path / "reference", 3, 1, 32, seed=0))
+    assert not tmp.exists()
+    assert sorted(os.listdir(cache)) == [f".{target.name}.lock", target.name]
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -391,7 +636,7 @@ def test_cli(tmp_path):
     res = subprocess.run(
         [sys.executable, "-m", "utils.synthetic_voc", str(out)]
         + ["--train", "3", "--val", "2", "--size", "32", "--seed", "1"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
     assert res.returncode == 0, res.stderr
     assert "wrote" in res.stdout and str(out.resolve()) in res.stdout and " s" in res.stdout

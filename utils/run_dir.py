@@ -2,10 +2,11 @@
 
     runs/<run_name>/
         config.yaml            fully resolved config (give it back with --config to reproduce the run)
+        run.json               the run's identity (run_id, also stored in each of its checkpoints)
         checkpoints/last.ckpt  latest state (+ best-*.ckpt by validation loss)
         metrics.csv            every logged metric (Lightning CSV logger, beside wandb)
         media/                 images written by callbacks
-        code/                  git commit, status and diff of the code that ran
+        code/                  git commit, status and diff of the code that ran; packages.txt: installed versions
         wandb/                 wandb files (offline runs can be synced with `wandb sync`)
 """
 from __future__ import annotations
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
+RUN_FILE = "run.json"  # the run's identity: run_id, name, task, creation time
+META_KEY = "vitssl"  # our metadata in each checkpoint (callbacks/checkpointing.py writes it)
 
 
 # The run name the first process chose, inherited by the processes Lightning's DDP launcher starts (they
@@ -53,7 +56,7 @@ def global_rank() -> int:
 
 def default_run_name(cfg: Hparams) -> str:
     backbone = cfg.backbone.name.replace("/", "-")
-    if os.environ.get(RUN_NAME_ENV):
+    if os.environ.get(RUN_NAME_ENV) and global_rank() > 0:  # a process started by Lightning's DDP launcher
         return os.environ[RUN_NAME_ENV]
     if launch_job_id():
         # Every process of the launch computes the same name (a timestamp could differ between them).
@@ -72,40 +75,107 @@ def default_run_name(cfg: Hparams) -> str:
 
 def run_directory(cfg: Hparams) -> Path:
     """The run's folder; fixes ``cfg.log.run_name`` if it was empty."""
+    if os.environ.get(RUN_NAME_ENV) and global_rank() > 0:
+        cfg.log.run_name = os.environ[RUN_NAME_ENV]  # the directory the first process created (maybe renamed)
     if not cfg.log.run_name:
         cfg.log.run_name = default_run_name(cfg)
     return Path(cfg.log.output_dir) / cfg.log.run_name
 
 
-def resolve_resume(cfg: Hparams) -> Optional[Path]:
-    """Turn ``trainer.resume`` into a checkpoint path, or None for 'auto' when there is nothing to resume."""
-    from config.loading import ConfigError
+def _error(message: str):
+    from config.loading import ConfigError  # local: config.loading imports this module lazily too
 
+    return ConfigError(message)
+
+
+def read_checkpoint(path: Path) -> dict:
+    """The checkpoint's contents, memory-mapped (tensors are read lazily); one-line error for anything that
+    is not a complete checkpoint (empty, truncated, garbage, another format)."""
+    import torch
+
+    try:
+        if path.stat().st_size == 0:
+            raise ValueError("the file is empty")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise _error(f"--trainer.resume: {path} is not a readable checkpoint ({reason[:160]}); give last.ckpt of a "
+                     f"run directory, or the run directory itself") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
+        raise _error(f"--trainer.resume: {path} is not a training checkpoint of this tool (no state_dict/global_step); "
+                     f"to start from its weights use --backbone.weights={path}")
+    return ckpt
+
+
+def checkpoint_task(ckpt: dict) -> Optional[str]:
+    meta = ckpt.get(META_KEY) or {}
+    if meta.get("task"):
+        return meta["task"]
+    config = (ckpt.get("hyper_parameters") or {}).get("config") or {}
+    return config.get("task")
+
+
+def read_run_file(run_dir: Path) -> dict:
+    import json
+
+    try:
+        return json.loads((run_dir / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def checkpoint_run_dir(path: Path) -> Path:
+    """The run directory a checkpoint belongs to: ``<run>/checkpoints/<file>.ckpt`` with ``<run>/config.yaml``."""
+    run_dir = path.resolve().parent.parent
+    if path.resolve().parent.name != CHECKPOINT_DIR or not (run_dir / "config.yaml").is_file():
+        raise _error(f"--trainer.resume: {path} is not inside a run directory (<run>/{CHECKPOINT_DIR}/*.ckpt beside "
+                     f"<run>/config.yaml), and a resumed run writes only into its own directory; to start a new run "
+                     f"from its weights use --backbone.weights={path}")
+    return run_dir
+
+
+def find_resume_checkpoint(cfg: Hparams) -> Optional[Path]:
+    """Turn ``trainer.resume`` (a .ckpt file, a run directory or 'auto') into a checkpoint path; None for
+    'auto' when the named run does not exist yet (a new run starts). One-line errors otherwise."""
     value = cfg.trainer.resume
     if not value:
         return None
     if value == "auto":
-        out = Path(cfg.log.output_dir)
-        if cfg.log.run_name:
-            candidates = [out / cfg.log.run_name / CHECKPOINT_DIR / LAST_CHECKPOINT]
-        else:
-            candidates = sorted(out.glob(f"*/{CHECKPOINT_DIR}/{LAST_CHECKPOINT}"), key=lambda p: p.stat().st_mtime)
-            candidates = candidates[-1:]
-        found = [c for c in candidates if c.is_file()]
-        if not found:
-            log.warning("--trainer.resume=auto: no %s found under %s; starting a new run", LAST_CHECKPOINT, out)
-            cfg.trainer.resume = ""
+        if not cfg.log.run_name:
+            raise _error("--trainer.resume=auto needs --log.run_name=NAME (it resumes that run if it exists, else "
+                         "starts it); without a name it could pick up an unrelated run")
+        run_dir = Path(cfg.log.output_dir) / cfg.log.run_name
+        if not run_dir.exists():
+            log.info("--trainer.resume=auto: %s does not exist yet; starting it", run_dir)
             return None
-        return found[-1]
+        path = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+        if not path.is_file():
+            raise _error(f"--trainer.resume=auto: run directory {run_dir} exists but holds no {CHECKPOINT_DIR}/"
+                         f"{LAST_CHECKPOINT} (it stopped before its first checkpoint); remove it to start the run "
+                         f"over, or choose another --log.run_name")
+        return path
     path = Path(value)
     if path.is_dir():
         path = path / CHECKPOINT_DIR / LAST_CHECKPOINT
     if not path.is_file():
-        raise ConfigError(
-            f"--trainer.resume: checkpoint {value!r} does not exist "
-            f"(give a .ckpt file, a run directory, or 'auto')"
-        )
+        raise _error(f"--trainer.resume: checkpoint {value!r} does not exist "
+                     f"(give a .ckpt file, a run directory, or 'auto' with --log.run_name)")
     return path
+
+
+def check_resume(cfg: Hparams, ckpt_path: Path, ckpt: dict) -> None:
+    """The checkpoint belongs to the run directory it sits in, and to this config's task."""
+    run_dir = checkpoint_run_dir(ckpt_path)
+    meta = ckpt.get(META_KEY) or {}
+    run_id = read_run_file(run_dir).get("run_id")
+    if meta.get("run_id") and run_id and meta["run_id"] != run_id:
+        raise _error(f"--trainer.resume: {ckpt_path} was written by run {meta.get('run_name', '?')} "
+                     f"(id {meta['run_id']}), not by the run in {run_dir} (id {run_id}); copy checkpoints only "
+                     f"together with their run directory")
+    task = checkpoint_task(ckpt)
+    if task and task != cfg.task:
+        raise _error(f"--task={cfg.task} cannot resume {ckpt_path}, a {task} checkpoint; to use its weights in a new "
+                     f"{cfg.task} run give --backbone.weights={ckpt_path} without --trainer.resume")
 
 
 def _git(*args: str) -> Optional[str]:
@@ -118,7 +188,7 @@ def _git(*args: str) -> Optional[str]:
 
 
 def save_code_state(run_dir: Path) -> None:
-    """Record which code ran (commit, status, uncommitted diff), as the report's authors did."""
+    """Record which code ran (commit, status, uncommitted diff) and with which packages."""
     code = run_dir / "code"
     code.mkdir(parents=True, exist_ok=True)
     commit = _git("rev-parse", "HEAD")
@@ -129,36 +199,99 @@ def save_code_state(run_dir: Path) -> None:
     diff = _git("diff", "HEAD")
     if diff is not None:
         (code / "git_diff.patch").write_text(diff)
+    (code / "packages.txt").write_text(installed_packages())
 
 
-def fresh_run_directory(cfg: Hparams) -> Path:
-    """The run directory of a new (not resumed) run. An existing run is never written into: the name
-    gets a numeric suffix instead (e.g. giving a run's config.yaml back with --config)."""
-    run_dir = run_directory(cfg)
-    if cfg.trainer.resume or not (run_dir / "config.yaml").exists():
-        return run_dir
-    if external_launch():
-        from config.loading import ConfigError
+def installed_packages() -> str:
+    """Python version and every installed distribution as ``name==version`` (the format of
+    requirements-lock.txt, so the two can be diffed)."""
+    import platform
+    from importlib import metadata
 
-        # Renaming on one process only would split the run over two directories.
-        raise ConfigError(f"run directory {run_dir} already holds a run: continue it with --trainer.resume=auto "
-                          "or choose a new --log.run_name")
-    base, n = cfg.log.run_name, 1
-    while (Path(cfg.log.output_dir) / f"{base}-{n}" / "config.yaml").exists():
-        n += 1
-    cfg.log.run_name = f"{base}-{n}"
-    log.warning("run directory %s already holds a run; writing this one to %s-%d "
-                "(--trainer.resume continues an existing run)", run_dir, base, n)
-    return run_directory(cfg)
+    names = {}
+    for dist in metadata.distributions():
+        name = dist.metadata.get("Name")
+        if name:
+            names[name.lower()] = f"{name}=={dist.version}"
+    header = f"# python {platform.python_version()} on {platform.system()} {platform.machine()}\n"
+    return header + "\n".join(names[k] for k in sorted(names)) + "\n"
 
 
-def prepare_run_dir(cfg: Hparams) -> Path:
-    """Create the run directory (first process only; the others of a distributed run use the same one)."""
+def new_run_id() -> str:
+    import uuid
+
+    return uuid.uuid4().hex[:12]
+
+
+def _create_exclusively(out: Path, base: str) -> Path:
+    """mkdir ``out/base`` (or ``base-1``, ``base-2``, ...): ``mkdir`` fails when the directory exists, so two
+    processes can never get the same one, even when they start in the same millisecond."""
+    n = 0
+    while True:
+        name = base if n == 0 else f"{base}-{n}"
+        try:
+            (out / name).mkdir()
+            return out / name
+        except FileExistsError:
+            n += 1
+
+
+def prepare_run_dir(cfg: Hparams, resumed: bool = False) -> Path:
+    """The run directory: the checkpoint's own when resuming; else a new one, created exclusively (an existing
+    run is never written into: the name gets a numeric suffix, with a warning). Only the first process
+    creates it; the other processes of a distributed run use the same one."""
     if global_rank() > 0:
         return run_directory(cfg)
-    run_dir = fresh_run_directory(cfg)
+    if resumed:
+        run_dir = run_directory(cfg)
+    else:
+        wanted = run_directory(cfg)
+        out = wanted.parent
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            if external_launch():
+                # Renaming on one process only would split the run over several directories.
+                try:
+                    wanted.mkdir()
+                except FileExistsError:
+                    raise _error(f"run directory {wanted} already holds a run: continue it with --trainer.resume=auto "
+                                 "or choose a new --log.run_name") from None
+                run_dir = wanted
+            else:
+                run_dir = _create_exclusively(out, cfg.log.run_name)
+        except OSError as err:
+            raise _error(f"--log.output_dir: cannot create a run directory in {out}: "
+                         f"{os.strerror(err.errno) if err.errno else err}") from None
+        if run_dir != wanted:
+            log.warning("run directory %s already exists; writing this run to %s "
+                        "(--trainer.resume continues an existing run)", wanted, run_dir)
+            cfg.log.run_name = run_dir.name
+        write_run_file(run_dir, cfg)
     os.environ[RUN_NAME_ENV] = cfg.log.run_name
-    for sub in (CHECKPOINT_DIR, "media"):
-        (run_dir / sub).mkdir(parents=True, exist_ok=True)
-    save_code_state(run_dir)
+    try:
+        for sub in (CHECKPOINT_DIR, "media"):
+            (run_dir / sub).mkdir(parents=True, exist_ok=True)
+        save_code_state(run_dir)
+    except OSError as err:
+        raise _error(f"--log.output_dir: cannot write into run directory {run_dir}: "
+                     f"{os.strerror(err.errno) if err.errno else err}") from None
     return run_dir
+
+
+def write_run_file(run_dir: Path, cfg: Hparams) -> None:
+    """``run.json``: the run's identity (every checkpoint carries the same ``run_id``), written exclusively."""
+    import datetime as dt
+    import json
+
+    record = {"run_id": new_run_id(), "run_name": run_dir.name, "task": cfg.task,
+              "created": dt.datetime.now().isoformat(timespec="seconds")}
+    fd = os.open(run_dir / RUN_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f, indent=1)
+        f.write("\n")
+
+
+def run_meta(run_dir: Path, cfg: Hparams) -> dict:
+    """What every checkpoint of this run records about it (see ``callbacks.checkpointing.RunCheckpoint``)."""
+    record = read_run_file(run_dir)
+    return {"run_id": record.get("run_id", ""), "run_name": run_dir.name, "task": cfg.task}

@@ -3,9 +3,8 @@
 Every image is S×S RGB with 1–3 objects drawn from the 20 VOC classes. A class is identified by its
 **shape** and its **texture** together, never by its colour: each object gets two random colours, used as
 the foreground and background of its class texture. Textures are fine periodic patterns (a period of
-2–4 px at 64 px, scaled by S/64 for larger images), so one 8-px ViT patch at 64 px holds at least two
-periods. Backgrounds are cluttered (gradient, low-frequency noise, flat blobs, coarse low-contrast
-stripes) but contain no class texture.
+2–4 px at every image size), so one 8-px ViT patch holds at least two periods. Backgrounds are cluttered
+(gradient, low-frequency noise, flat blobs, coarse low-contrast stripes) but contain no class texture.
 
 Written layout (read unchanged by ``torchvision.datasets.VOCSegmentation(root, year="2012", ...)``)::
 
@@ -13,6 +12,14 @@ Written layout (read unchanged by ``torchvision.datasets.VOCSegmentation(root, y
     OUT/VOCdevkit/VOC2012/SegmentationClass/<id>.png     palette PNG, 0 background, 1..20 classes, 255 void
     OUT/VOCdevkit/VOC2012/SegmentationObject/<id>.png    palette PNG, 0 background, 1..k instances, 255 void
     OUT/VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val,trainval}.txt
+    OUT/synthetic_voc.json                               marker: generator, format version, parameters
+
+The marker is written last, into a temporary sibling folder (``.OUT.tmp-<pid>-<random>``) that is renamed
+to OUT only when complete: a killed run leaves the previous dataset at OUT (or nothing), never a mix, and a
+folder without a matching marker is never used (:func:`ensure_synthetic_voc`). OUT must be new, empty, or
+a dataset this generator wrote (marker present, nothing else added): any other folder, e.g. a real VOC
+root, is refused untouched (:class:`ForeignDirectoryError`). Runs on one OUT are serialised by an ``flock``
+on ``.OUT.lock`` beside it; temporary folders of killed runs are removed by the next run.
 
 Ids are ``train_000001``, ``val_000001``, ... (sortable, unique across splits). Image ``i`` of a split is
 drawn from a numpy Generator seeded by ``(seed, split, i)``, so output is byte-identical for a seed
@@ -29,8 +36,10 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -46,6 +55,8 @@ __all__ = [
     "CLASS_TEXTURES",
     "FORMAT_VERSION",
     "MARKER_NAME",
+    "GENERATOR_ID",
+    "ForeignDirectoryError",
     "generate_synthetic_voc",
     "ensure_synthetic_voc",
     "render_sample",
@@ -55,8 +66,18 @@ __all__ = [
 
 #: Bumped whenever the generated content changes, so cached datasets of an older format are regenerated.
 FORMAT_VERSION = 2  # 2: texture periods no longer scale with image size
-#: Marker written (last) into a cached dataset root by :func:`ensure_synthetic_voc`.
-MARKER_NAME = ".complete"
+#: Marker file at the root of every dataset this generator writes, written last: JSON naming the generator
+#: (:data:`GENERATOR_ID`), :data:`FORMAT_VERSION` and the parameters (n_train, n_val, size, seed). A folder
+#: without it is never used as a dataset, nor overwritten.
+MARKER_NAME = "synthetic_voc.json"
+GENERATOR_ID = "vitssl utils.synthetic_voc"
+# In a temporary folder while it is being written (same JSON), so leftovers of a killed run are known as ours.
+_PARTIAL_NAME = "synthetic_voc.partial"
+# The marker cached sets carried before generated folders were marked (same keys, no "generator"): such a
+# folder is ours, so it may be rebuilt, but it is never used as it is.
+_LEGACY_MARKER_NAME = ".complete"
+
+from datamodules.images import DataError  # noqa: E402
 
 # The 21 class names live with the VOC layout reader; re-exported here for the generator's users.
 from datamodules.voc import VOC_CLASSES  # noqa: E402
@@ -439,6 +460,19 @@ def _write_chunk(args: Tuple[str, str, int, int, int, int]) -> int:
     return stop - start
 
 
+def _exit_with_parent(parent_pid: int) -> None:
+    """Pool worker initializer. A SIGKILLed parent gives its pool no chance to stop the workers: they would
+    finish their chunk, then wait forever for work while holding the inherited lock (the next run on the
+    same folder would hang). A watcher thread ends the worker within 0.2 s of its parent's death."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _check_int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -462,14 +496,8 @@ def _validate(
     return n_train, n_val, size, seed, num_workers
 
 
-def generate_synthetic_voc(out_dir, n_train: int, n_val: int, size: int, seed: int, num_workers: int = 0) -> Path:
-    """Writes OUT_DIR/VOCdevkit/VOC2012/... and returns OUT_DIR (the root torchvision's VOCSegmentation takes).
-
-    ``num_workers`` > 0 renders in that many processes; the files are identical either way. Existing files
-    with the same names are overwritten; other files in ``out_dir`` are left alone.
-    """
-    n_train, n_val, size, seed, num_workers = _validate(n_train, n_val, size, seed, num_workers)
-    root = Path(out_dir)
+def _render_into(root: Path, n_train: int, n_val: int, size: int, seed: int, num_workers: int) -> None:
+    """Renders every image, mask and split list into ``root`` (a fresh temporary folder of :func:`_build`)."""
     voc = _voc_dir(root)
     for sub in ("JPEGImages", "SegmentationClass", "SegmentationObject", os.path.join("ImageSets", "Segmentation")):
         (voc / sub).mkdir(parents=True, exist_ok=True)
@@ -487,7 +515,10 @@ def generate_synthetic_voc(out_dir, n_train: int, n_val: int, size: int, seed: i
             for split, n in counts.items()
             for start in range(1, n + 1, chunk)
         ]
-        with cf.ProcessPoolExecutor(max_workers=num_workers) as pool:
+        # Forked workers share the lock of _target_lock, so a killed run's workers must not outlive it.
+        with cf.ProcessPoolExecutor(
+            max_workers=num_workers, initializer=_exit_with_parent, initargs=(os.getpid(),)
+        ) as pool:
             for _ in pool.map(_write_chunk, jobs):
                 pass
 
@@ -495,12 +526,31 @@ def generate_synthetic_voc(out_dir, n_train: int, n_val: int, size: int, seed: i
     train_ids, val_ids = _image_ids("train", n_train), _image_ids("val", n_val)
     for name, ids in (("train", train_ids), ("val", val_ids), ("trainval", train_ids + val_ids)):
         (sets / f"{name}.txt").write_text("".join(i + "\n" for i in ids))
-    return root
+
+
+def generate_synthetic_voc(out_dir, n_train: int, n_val: int, size: int, seed: int, num_workers: int = 0) -> Path:
+    """Writes OUT_DIR/VOCdevkit/VOC2012/... and OUT_DIR/synthetic_voc.json; returns OUT_DIR (the root
+    torchvision's VOCSegmentation takes).
+
+    ``num_workers`` > 0 renders in that many processes; the files are identical either way.
+
+    OUT_DIR must be new, empty, or a dataset this generator wrote (its :data:`MARKER_NAME` marker and only
+    the files that marker's parameters imply); anything else raises :class:`ForeignDirectoryError` before
+    anything is written. The new dataset is written into a temporary sibling folder and renamed into place
+    only when complete, so an interruption leaves the previous dataset (or nothing) at OUT_DIR.
+    """
+    n_train, n_val, size, seed, num_workers = _validate(n_train, n_val, size, seed, num_workers)
+    _build(Path(out_dir), n_train, n_val, size, seed, num_workers, reuse_complete=False)
+    return Path(out_dir)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Cache
+# Ownership, markers and the atomic swap
 # ----------------------------------------------------------------------------------------------------
+
+
+class ForeignDirectoryError(DataError):
+    """The target folder holds something this generator did not write; nothing was written or removed."""
 
 
 def cache_dir_name(n_train: int, n_val: int, size: int, seed: int) -> str:
@@ -508,10 +558,131 @@ def cache_dir_name(n_train: int, n_val: int, size: int, seed: int) -> str:
 
 
 def _marker_content(n_train: int, n_val: int, size: int, seed: int) -> dict:
-    return {"format_version": FORMAT_VERSION, "n_train": n_train, "n_val": n_val, "size": size, "seed": seed}
+    return {
+        "generator": GENERATOR_ID, "format_version": FORMAT_VERSION,
+        "n_train": n_train, "n_val": n_val, "size": size, "seed": seed,
+    }
+
+
+def _write_json_synced(path: Path, content: dict) -> None:
+    with open(path, "w") as fh:
+        fh.write(json.dumps(content, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Makes a rename inside ``path`` durable (POSIX); silently skipped where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - file systems without directory fsync
+        pass
+    finally:
+        os.close(fd)
+
+
+def _own_params(root: Path) -> Optional[Tuple[int, int]]:
+    """(n_train, n_val) from a marker of this generator in ``root``, or None when there is none.
+
+    Accepts the final marker, the in-progress marker of a temporary folder and the legacy ``.complete``
+    marker that cached sets carried before the generator marked its output (same keys, no "generator").
+    """
+    for name in (MARKER_NAME, _PARTIAL_NAME, _LEGACY_MARKER_NAME):
+        try:
+            found = json.loads((root / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(found, dict):
+            continue
+        legacy = name == _LEGACY_MARKER_NAME and "generator" not in found and "format_version" in found
+        if not (legacy or found.get("generator") == GENERATOR_ID):
+            continue
+        try:
+            n_train, n_val, _size, _seed, _ = _validate(
+                found.get("n_train"), found.get("n_val"), found.get("size"), found.get("seed")
+            )
+        except ValueError:
+            continue
+        return n_train, n_val
+    return None
+
+
+def _layout(n_train: int, n_val: int) -> dict:
+    """Every name the generator writes for these counts: {"files": names, "dirs": {name: sub-layout}}."""
+    ids = _image_ids("train", n_train) + _image_ids("val", n_val)
+
+    def files(ext: str) -> dict:
+        return {"files": frozenset(f"{i}.{ext}" for i in ids)}
+
+    return {
+        "files": {MARKER_NAME, _PARTIAL_NAME, _LEGACY_MARKER_NAME},
+        "dirs": {"VOCdevkit": {"dirs": {"VOC2012": {"dirs": {
+            "JPEGImages": files("jpg"),
+            "SegmentationClass": files("png"),
+            "SegmentationObject": files("png"),
+            "ImageSets": {"dirs": {"Segmentation": {"files": {"train.txt", "val.txt", "trainval.txt"}}}},
+        }}}}},
+    }
+
+
+def _first_foreign_entry(folder: Path, layout: dict, prefix: str = "") -> Optional[str]:
+    """The first path (relative, sorted order) under ``folder`` that ``layout`` does not name; None if none.
+    Symbolic links are never followed and never count as ours."""
+    with os.scandir(folder) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        rel = prefix + entry.name
+        sub = layout.get("dirs", {}).get(entry.name)
+        if sub is not None and entry.is_dir(follow_symlinks=False):
+            found = _first_foreign_entry(Path(entry.path), sub, rel + "/")
+            if found is not None:
+                return found
+        elif not (entry.name in layout.get("files", ()) and entry.is_file(follow_symlinks=False)):
+            return rel
+    return None
+
+
+def _why_not_ours(target: Path) -> Optional[str]:
+    """None when ``target`` is missing, an empty folder, or a folder holding only what this generator
+    wrote under its marker; otherwise one sentence saying what is there."""
+    if not os.path.lexists(target):
+        return None
+    if target.is_symlink() or not target.is_dir():
+        return f"{target} exists and is not a folder"
+    try:
+        with os.scandir(target) as it:
+            names = sorted(e.name for e in it)
+        if not names:
+            return None
+        params = _own_params(target)
+        if params is None:
+            listing = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            return (f"{target} is not empty and was not made by utils.synthetic_voc "
+                    f"(no valid {MARKER_NAME} marker; it holds {listing})")
+        foreign = _first_foreign_entry(target, _layout(*params))
+    except FileNotFoundError:  # renamed away meanwhile by a run holding the lock (we check again under it)
+        if os.path.lexists(target):
+            raise
+        return None
+    if foreign is not None:
+        return f"{target} was made by utils.synthetic_voc but also holds {foreign}, which it did not write"
+    return None
+
+
+def _refuse_unless_ours(target: Path) -> None:
+    reason = _why_not_ours(target)
+    if reason is not None:
+        raise ForeignDirectoryError(
+            f"{reason}: nothing was written; choose a new or empty folder, or move this one away yourself"
+        )
 
 
 def _is_complete(root: Path, expected: dict) -> bool:
+    """True only for a finished dataset of exactly these parameters (its marker is written last)."""
     try:
         found = json.loads((root / MARKER_NAME).read_text())
     except (OSError, ValueError):
@@ -522,60 +693,116 @@ def _is_complete(root: Path, expected: dict) -> bool:
     return all((sets / f"{s}.txt").is_file() for s in ("train", "val", "trainval"))
 
 
+def _is_owned_leftover(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and _own_params(path) is not None and _why_not_ours(path) is None
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Deletes temporary and set-aside folders of earlier, killed runs for ``target`` — only folders with
+    our exact name pattern that hold a marker of this generator and nothing else. Called with the lock
+    held, so no live run of ours is writing them."""
+    pattern = re.compile(re.escape(f".{target.name}.") + r"(tmp|old)-\d+-[0-9a-f]{8}")
+    for path in target.parent.iterdir():
+        if pattern.fullmatch(path.name) and _is_owned_leftover(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock (POSIX ``flock``); a no-op where fcntl is unavailable."""
+def _target_lock(target: Path) -> Iterator[bool]:
+    """Exclusive advisory lock (POSIX ``flock``) on ``<parent>/.<name>.lock``, serialising every run of this
+    generator for one target. Yields False where no lock can be taken (no fcntl, or a file system without
+    flock): the build stays correct (atomic rename), only leftovers of killed runs are then left alone."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
-        yield
+        yield False
         return
-    with open(path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    with open(target.parent / f".{target.name}.lock", "a") as fh:  # "a": an existing file keeps its bytes
         try:
-            yield
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            locked = True
+        except OSError:  # pragma: no cover - e.g. some network file systems
+            locked = False
+        try:
+            yield locked
         finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    """Renames the finished ``tmp`` to ``target``. A previous dataset of ours is renamed aside first (rename
+    never merges folders) and deleted after; if the final rename fails it is put back."""
+    _refuse_unless_ours(target)  # again, right before touching it
+    aside = None
+    if os.path.lexists(target) and any(target.iterdir()):
+        aside = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.rename(target, aside)
+    try:
+        os.rename(tmp, target)  # onto nothing or an empty folder: atomic on one file system
+    except BaseException:
+        if aside is not None and not os.path.lexists(target):
+            os.rename(aside, target)  # put the previous dataset back
+        raise
+    _fsync_dir(target.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _build(target: Path, n_train: int, n_val: int, size: int, seed: int, num_workers: int,
+           reuse_complete: bool) -> None:
+    """Writes a complete dataset at ``target`` (see generate_synthetic_voc); with ``reuse_complete`` a
+    complete one of the same parameters found there (e.g. written by a concurrent process) is kept."""
+    target = target.resolve()
+    expected = _marker_content(n_train, n_val, size, seed)
+    _refuse_unless_ours(target)  # before anything is written, lock file included
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _target_lock(target) as locked:
+        if reuse_complete and _is_complete(target, expected):  # finished by another process while we waited
+            return
+        _refuse_unless_ours(target)
+        if locked:
+            _remove_leftovers(target)
+        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            _write_json_synced(tmp / _PARTIAL_NAME, expected)  # marks the folder as ours from the start
+            _render_into(tmp, n_train, n_val, size, seed, num_workers)
+            if hasattr(os, "sync"):
+                os.sync()  # images and lists reach the disk before the marker that declares them complete
+            _write_json_synced(tmp / MARKER_NAME, expected)
+            (tmp / _PARTIAL_NAME).unlink()
+            _swap_into_place(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if reuse_complete and _is_complete(target, expected):  # lost a race with a run holding no lock
+                return
+            raise
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cache
+# ----------------------------------------------------------------------------------------------------
 
 
 def ensure_synthetic_voc(cache_root, n_train: int, n_val: int, size: int, seed: int) -> Path:
     """Generate once and cache: returns a root folder under cache_root whose name encodes the parameters
-    (cache_root/synthetic_voc_t{n_train}_v{n_val}_s{size}_seed{seed}); if it already holds a complete
-    dataset (a ``.complete`` JSON marker with the params and the format version, written last), reuse it;
-    otherwise (re)generate into a temporary sibling folder and atomically rename it into place, so a crash
-    or two concurrent processes never leave a half-written dataset that is treated as complete.
+    (cache_root/synthetic_voc_t{n_train}_v{n_val}_s{size}_seed{seed}). A dataset there is used only when its
+    :data:`MARKER_NAME` marker (written last) has exactly these parameters and the current format version;
+    otherwise it is rebuilt like :func:`generate_synthetic_voc` does (temporary sibling folder renamed into
+    place when complete), which refuses (:class:`ForeignDirectoryError`, a DataError) a folder of that name
+    holding anything the generator did not write.
 
-    Concurrent callers are serialised by an ``flock`` on ``<name>.lock`` beside the dataset; the loser
+    Concurrent callers are serialised by an ``flock`` on ``.<name>.lock`` beside the dataset; the loser
     of the race finds the winner's complete dataset and returns it.
     """
     n_train, n_val, size, seed, _ = _validate(n_train, n_val, size, seed)
     cache_root = Path(cache_root)
-    cache_root.mkdir(parents=True, exist_ok=True)
-    name = cache_dir_name(n_train, n_val, size, seed)
-    final = cache_root / name
-    expected = _marker_content(n_train, n_val, size, seed)
-    if _is_complete(final, expected):
+    final = cache_root / cache_dir_name(n_train, n_val, size, seed)
+    if _is_complete(final, _marker_content(n_train, n_val, size, seed)):
         return final
-
-    with _file_lock(cache_root / f"{name}.lock"):
-        if _is_complete(final, expected):  # someone else finished while we waited for the lock
-            return final
-        for leftover in cache_root.glob(f"{name}.tmp-*"):  # crashed earlier attempts (we hold the lock)
-            shutil.rmtree(leftover, ignore_errors=True)
-        tmp = cache_root / f"{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            generate_synthetic_voc(tmp, n_train, n_val, size, seed)
-            (tmp / MARKER_NAME).write_text(json.dumps(expected, sort_keys=True) + "\n")
-            if final.exists():  # incomplete or stale: move it aside first (rename never merges folders)
-                stale = cache_root / f"{name}.stale-{uuid.uuid4().hex[:8]}"
-                os.replace(final, stale)
-                shutil.rmtree(stale, ignore_errors=True)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if _is_complete(final, expected):  # lost a race with a process that has no flock
-                return final
-            raise
+    cache_root.mkdir(parents=True, exist_ok=True)
+    _build(final, n_train, n_val, size, seed, num_workers=0, reuse_complete=True)
     return final
 
 
@@ -596,7 +823,11 @@ def _build_parser() -> argparse.ArgumentParser:
         ),
         epilog=f"Classes (index:name=shape/texture): {classes}",
     )
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="root folder to write (VOCdevkit/ is created inside it)")
+    parser.add_argument(
+        "out_dir", metavar="OUT_DIR",
+        help=f"root folder to write (VOCdevkit/ and the {MARKER_NAME} marker go inside it): new, empty, or a "
+        "dataset this generator wrote, which is replaced; any other folder is refused",
+    )
     parser.add_argument("--train", type=int, default=200, metavar="N", help="training images, >= 1 (default: %(default)s)")
     parser.add_argument("--val", type=int, default=50, metavar="M", help="validation images, >= 1 (default: %(default)s)")
     parser.add_argument("--size", type=int, default=64, metavar="S", help="image side in px, >= 16 (default: %(default)s)")
@@ -621,6 +852,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
     except ValueError as exc:
         parser.error(str(exc))
+    except ForeignDirectoryError as exc:  # nothing was written: a usage error, like a bad flag
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: could not write {args.out_dir}: {exc}", file=sys.stderr)
+        return 1
     elapsed = time.perf_counter() - start
     print(
         f"wrote {args.train} train + {args.val} val images of {args.size}x{args.size} px (seed {args.seed}) "

@@ -8,7 +8,18 @@ from torch import Tensor, nn
 
 from config.hparams import BackboneConfig
 from models.backbones.registry import BACKBONES
-from models.weights import load_into
+from models.weights import load_into, torchvision_weights
+
+# What --backbone.pretrained can do without network instead (torchvision's file is a plain state dict).
+IMAGENET_OFFLINE = ("download that file elsewhere and pass --backbone.weights PATH instead of --backbone.pretrained, "
+                    "or copy it to {cached}")
+
+
+def imagenet_weights_download():
+    """Around torchvision code that loads the ImageNet ResNet-50 weights (--backbone.pretrained): from torch.hub's
+    cache, else downloaded after one quick connection attempt; failures are one line (models.weights)."""
+    return torchvision_weights(torchvision.models.ResNet50_Weights.IMAGENET1K_V1, "--backbone.pretrained",
+                               "torchvision's ImageNet ResNet-50 weights", IMAGENET_OFFLINE)
 
 
 class FrozenStatsBatchNorm2d(nn.BatchNorm2d):
@@ -56,7 +67,8 @@ def build_resnet50(cfg: BackboneConfig, img_size: int) -> ResNetBackbone:
         raise ValueError("backbone.resnet_norm=group cannot use the BatchNorm ImageNet weights (backbone.pretrained)")
     model = torchvision.models.resnet50(norm_layer=NORM_LAYERS[cfg.resnet_norm])
     if weights is not None:
-        model.load_state_dict(weights.get_state_dict(progress=True))
+        with imagenet_weights_download():
+            model.load_state_dict(weights.get_state_dict(progress=True))
     backbone = ResNetBackbone(model, cfg.resnet_norm)
     if cfg.weights:
         # Load after fc is replaced: the backbone has no fc, so a file's fc.* tensors are dropped as a

@@ -1,6 +1,7 @@
 """Vision Transformer backbones from timm (any timm ViT name, or one built from depth/width/patch size)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 
 from config.hparams import BackboneConfig
 from models.backbones.registry import BACKBONES
-from models.weights import WeightLoadingError, load_into
+from models.weights import WeightLoadingError, load_into, timm_published_weights
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def load_vit_weights(vit: VisionTransformer, path: str, strict: bool) -> None:
         # timm would silently resample a patch-16 embedding into a patch-8 model: refuse instead.
         if weight is not None and weight.ndim == 4 and tuple(weight.shape[-2:]) != tuple(expected[-2:]):
             raise WeightLoadingError(
-                f"{path}: made for patch size {weight.shape[-1]}, but backbone patch size is {expected[-1]} "
+                f"--backbone.weights: {path}: made for patch size {weight.shape[-1]}, but backbone patch size is {expected[-1]} "
                 f"(set --backbone.patch_size={weight.shape[-1]} or pick the matching backbone.name)"
             )
         return checkpoint_filter_fn(state, vit)  # resizes pos_embed to this model's grid
@@ -111,15 +112,19 @@ def build_vit(cfg: BackboneConfig, img_size: int) -> ViTBackbone:
     if tag and not cfg.pretrained and not cfg.weights:
         log.warning("backbone %s names published weights (.%s) but backbone.pretrained is false: the model is "
                     "randomly initialised (set --backbone.pretrained=true to download them)", name, tag)
-    vit = timm.create_model(
-        name,
-        pretrained=cfg.pretrained and cfg.name != "vit",
-        num_classes=0,
-        img_size=img_size,
-        dynamic_img_size=True,  # other input sizes (multiples of the patch) interpolate the pos-embed
-        drop_path_rate=cfg.drop_path_rate,
-        **arch_overrides(cfg),
-    )
+    pretrained = cfg.pretrained and cfg.name != "vit"
+    # Published weights come from the local cache when there, else after one quick connection attempt.
+    with timm_published_weights(name) if pretrained else contextlib.nullcontext({}) as overlay:
+        vit = timm.create_model(
+            name,
+            pretrained=pretrained,
+            pretrained_cfg_overlay=overlay or None,
+            num_classes=0,
+            img_size=img_size,
+            dynamic_img_size=True,  # other input sizes (multiples of the patch) interpolate the pos-embed
+            drop_path_rate=cfg.drop_path_rate,
+            **arch_overrides(cfg),
+        )
     if cfg.weights:
         load_vit_weights(vit, cfg.weights, cfg.strict_weights)
     return ViTBackbone(vit, cfg.global_pool)
