@@ -1,12 +1,16 @@
 """``val/attn_jaccard``: DINO's emergence number, tracked during Barlow Twins pretraining of a ViT.
 
-On a fixed, evenly spaced subset of the validation images that have segmentation masks (the same images
-every time; images resized to ``data.img_size`` as the network sees them, masks kept at their own
-resolution), the last block's CLS-attention heads are thresholded to ``--callbacks.attention_keep`` of
-their mass and scored against the ground-truth objects (:mod:`utils.emergence`: best head per object,
-mean over objects, then images; a fraction, DINO's ViT-S/16 reaches 0.459 on VOC12 val). Objects are
-instances from ``SegmentationObject`` when the dataset has that mask, else one per class of
-``SegmentationClass``.
+On a fixed, evenly spaced subset of the validation images that have the protocol's masks (the same images
+every time), the last block's CLS-attention heads are thresholded to ``--callbacks.attention_keep`` of their
+mass and scored against the ground truth under ``--callbacks.jaccard_protocol`` (:mod:`utils.emergence`):
+
+* ``dino`` (default): the public reference code behind DINO's 45.9 / 27.3 / 22.0 — images and
+  ``SegmentationClass`` masks resized to ``--callbacks.emergence_img_size`` (512 there), classes, void
+  counted in the union, best head per class, mean over classes then images;
+* ``strict``: ``SegmentationObject`` instances (class masks where a set has none) at their own resolution,
+  void pixels excluded; images resized to ``--callbacks.emergence_img_size``.
+
+The full validation split, for a number to compare with DINO's, is ``python -m tools.emergence``.
 
 Measured before training starts (step 0), after every ``--callbacks.emergence_every_n_epochs`` epochs and
 after the last one, at the end of a training epoch: no gradients, the model in eval mode then back in its
@@ -27,11 +31,12 @@ from torch import Tensor
 
 from callbacks.visual import cls_attention_problem, eval_mode, vit_of
 from utils.attention import cls_attention
-from utils.emergence import EmergenceScore, emergence_jaccard
+from utils.emergence import (DINO_IMG_SIZE, EmergenceScore, check_protocol, dino_position_embedding,
+                             dino_preprocess, emergence_jaccard, label_folders, normalize)
 
 log = logging.getLogger(__name__)
 
-CHUNK = 32  # images per attention forward pass (bounds activation memory at 224 px and beyond)
+CHUNK = 32  # images per attention forward pass (bounds activation memory at 512 px)
 
 
 # -- logging outside Lightning's self.log ------------------------------------------------------------
@@ -71,24 +76,26 @@ def rewrite_after_resume(trainer: pl.Trainer, last: Optional[dict]) -> None:
         log_now(trainer, last["metrics"], only_csv=True)
 
 
-# -- the fixed image set --------------------------------------------------------------------------------
-def label_path(root: Path, image_id: str) -> Optional[Path]:
-    """The image's instance mask (``SegmentationObject``) if present, else its class mask, else None."""
+# -- the image set -------------------------------------------------------------------------------------
+def label_path(root: Path, image_id: str, protocol: str = "strict") -> Optional[Path]:
+    """The image's mask for ``protocol``: ``dino`` its class mask; ``strict`` its instance mask
+    (``SegmentationObject``) if present, else its class mask. None when it has none."""
     from datamodules.voc import voc_dir
 
-    for folder in ("SegmentationObject", "SegmentationClass"):
+    for folder in label_folders(protocol):
         path = voc_dir(root) / folder / f"{image_id}.png"
         if path.is_file():
             return path
     return None
 
 
-def emergence_ids(root: Path, limit: int) -> list[str]:
-    """At most ``limit`` validation ids with a mask, evenly spaced over the val split (deterministic)."""
+def emergence_ids(root: Path, limit: int, protocol: str = "strict", split: str = "val") -> list[str]:
+    """At most ``limit`` ids of ``split`` with a mask for ``protocol``, evenly spaced over the split
+    (deterministic); ``limit`` <= 0: all of them."""
     from datamodules.barlow_twins import evenly_spaced
     from datamodules.voc import read_split
 
-    return evenly_spaced([i for i in read_split(root, "val") if label_path(root, i) is not None], limit)
+    return evenly_spaced([i for i in read_split(root, split) if label_path(root, i, protocol) is not None], limit)
 
 
 def load_labels(path: Path) -> Tensor:
@@ -98,29 +105,45 @@ def load_labels(path: Path) -> Tensor:
     return load_mask(path, num_classes=255)  # instance ids go beyond the 21 classes; 255 stays void
 
 
-def load_emergence_set(root: Path, ids: list[str], img_size: int) -> tuple[Tensor, list[Tensor]]:
-    """Images (N, 3, img_size, img_size), normalised as for evaluation, and their label maps at the masks'
-    own resolution. A mask whose size differs from its image's is a DataError naming the file."""
-    from datamodules.images import DataError, load_rgb
-    from datamodules.transforms import segmentation_eval_transform
+def load_example(root: Path, image_id: str, img_size: int, protocol: str) -> tuple[Tensor, Tensor]:
+    """One image as uint8 (3, img_size, img_size), resized with PIL as the reference code does, and its label
+    map: ``dino`` the class mask resized with it (nearest), ``strict`` the mask at its own resolution.
+    A missing mask, an unreadable file or a mask whose size differs from its image's is a DataError."""
+    from datamodules.images import DataError
     from datamodules.voc import image_path
 
-    transform = segmentation_eval_transform(img_size)
-    images, labels = [], []
-    for image_id in ids:
-        image, path = load_rgb(image_path(root, image_id)), label_path(root, image_id)
-        label = load_labels(path)
-        if tuple(image.shape[-2:]) != tuple(label.shape):
-            raise DataError(f"mask {path} is {tuple(label.shape)} but its image is {tuple(image.shape[-2:])}")
-        images.append(transform(image))
-        labels.append(label)
-    return torch.stack(images), labels
+    path = label_path(root, image_id, protocol)
+    if path is None:
+        raise DataError(f"image {image_id} has no {' or '.join(label_folders(protocol))} mask under {root}")
+    image, resized = dino_preprocess(image_path(root, image_id), path, img_size)
+    if protocol == "dino":
+        return image, resized
+    return image, load_labels(path)
+
+
+def load_emergence_set(root: Path, ids: list[str], img_size: int,
+                       protocol: str = "strict") -> tuple[Tensor, list[Tensor]]:
+    """Images (N, 3, img_size, img_size) uint8 and their label maps (see :func:`load_example`)."""
+    examples = [load_example(root, i, img_size, protocol) for i in ids]
+    return torch.stack([image for image, _ in examples]), [label for _, label in examples]
 
 
 # -- measuring -----------------------------------------------------------------------------------------
-def attention_maps(vit, images: Tensor, device: torch.device, chunk: int = CHUNK) -> Tensor:
-    """Last-block CLS attention (N, heads, h, w) on the CPU, computed ``chunk`` images at a time."""
-    return torch.cat([cls_attention(vit, part.to(device), block=-1).cpu() for part in images.split(chunk)])
+def attention_maps(vit, images: Tensor, device: torch.device, protocol: str = "strict", chunk: int = CHUNK) -> Tensor:
+    """Last-block CLS attention (N, heads, h, w) on the CPU of uint8 images (normalised here), ``chunk``
+    images at a time; under ``dino`` with the reference's position-embedding interpolation."""
+    check_protocol(protocol)
+    patch = vit.patch_embed.patch_size
+    grid = (images.shape[-2] // patch[0], images.shape[-1] // patch[1])
+    out = []
+    for part in images.split(chunk):
+        x = normalize(part.to(device))
+        if protocol == "dino":
+            with dino_position_embedding(vit, grid):
+                out.append(cls_attention(vit, x, block=-1).cpu())
+        else:
+            out.append(cls_attention(vit, x, block=-1).cpu())
+    return torch.cat(out)
 
 
 def score_metrics(score: EmergenceScore) -> dict[str, float]:
@@ -132,13 +155,21 @@ class EmergenceCallback(pl.Callback):
     """Logs ``val/attn_jaccard`` (see the module docstring); disables itself, with a warning, when the
     backbone is not a ViT with a class token or the validation split has no masks."""
 
-    def __init__(self, num_images: int = 64, every_n_epochs: int = 1, keep: float = 0.6):
-        if num_images < 1 or every_n_epochs < 1 or not 0 < keep <= 1:
-            raise ValueError(f"num_images and every_n_epochs must be >= 1 and keep in (0, 1]; got {num_images}, "
-                             f"{every_n_epochs}, {keep}")
+    def __init__(self, num_images: int = 64, every_n_epochs: int = 1, keep: float = 0.6,
+                 protocol: Optional[str] = None, img_size: Optional[int] = None):
+        """``protocol`` (``dino``/``strict``) and ``img_size`` default to the run's
+        ``--callbacks.jaccard_protocol`` and ``--callbacks.emergence_img_size`` (read from the module's config
+        at setup), else to ``dino`` at 512 px."""
+        if num_images < 1 or every_n_epochs < 1 or not 0 < keep <= 1 or (img_size is not None and img_size < 1):
+            raise ValueError(f"num_images, every_n_epochs and img_size must be >= 1 and keep in (0, 1]; got "
+                             f"{num_images}, {every_n_epochs}, {img_size}, {keep}")
+        if protocol is not None:
+            check_protocol(protocol)
         self.num_images = num_images
         self.every_n_epochs = every_n_epochs
         self.keep = keep
+        self.protocol = protocol
+        self.img_size = img_size
         self.enabled = True
         self._data: Optional[tuple[Tensor, list[Tensor]]] = None
         self.last_logged: Optional[dict] = None  # {"step": global step, "metrics": {...}} of the latest measurement
@@ -155,6 +186,11 @@ class EmergenceCallback(pl.Callback):
         return None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        callbacks_cfg = getattr(getattr(pl_module, "cfg", None), "callbacks", None)
+        if self.protocol is None:
+            self.protocol = getattr(callbacks_cfg, "jaccard_protocol", "dino")
+        if self.img_size is None:
+            self.img_size = getattr(callbacks_cfg, "emergence_img_size", DINO_IMG_SIZE)
         problem = self.problem(trainer, pl_module)
         if problem:
             log.warning("emergence Jaccard (val/attn_jaccard) is off: %s", problem)
@@ -166,13 +202,14 @@ class EmergenceCallback(pl.Callback):
         if self._data is None:
             datamodule = trainer.datamodule
             root = Path(datamodule.root)
-            ids = emergence_ids(root, self.num_images)
+            ids = emergence_ids(root, self.num_images, self.protocol)
             if not ids:
                 log.warning("emergence Jaccard (val/attn_jaccard) is off: no validation image under %s has a "
-                            "SegmentationObject or SegmentationClass mask", root)
+                            "%s mask (--callbacks.jaccard_protocol=%s)", root,
+                            " or ".join(label_folders(self.protocol)), self.protocol)
                 self.enabled = False
                 return None
-            self._data = load_emergence_set(root, ids, datamodule.cfg.img_size)
+            self._data = load_emergence_set(root, ids, self.img_size, self.protocol)
         return self._data
 
     # -- schedule ------------------------------------------------------------------------------------
@@ -211,8 +248,8 @@ class EmergenceCallback(pl.Callback):
             return None
         images, labels = data
         with torch.no_grad(), eval_mode(pl_module):
-            attn = attention_maps(vit_of(pl_module), images, pl_module.device)
-        return emergence_jaccard(attn, labels, self.keep)
+            attn = attention_maps(vit_of(pl_module), images, pl_module.device, self.protocol)
+        return emergence_jaccard(attn, labels, self.keep, self.protocol)
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[EmergenceScore]:
         score = self.compute(trainer, pl_module)

@@ -18,7 +18,7 @@ from models.backbones import build_backbone
 from models.dense import DenseBarlowTwins
 from models.losses import barlow_twins_loss, cross_correlation_terms
 from models.projector import Projector
-from utils.optim import build_optimizer, parameter_groups, rescale_checkpoint_lrs
+from utils.optim import build_optimizer, effective_lr, parameter_groups, rescale_checkpoint_lrs
 from utils.schedule import with_schedule
 
 
@@ -73,7 +73,8 @@ class BarlowTwinsModule(pl.LightningModule):
                                           b.dense_points, b.lambd)
         self.last_dense_cross_correlation: Optional[Tensor] = None
         self.val_dense_cross_correlation: Optional[Tensor] = None
-        self.lr = self.cfg.optim.lr  # read by configure_optimizers at call time (LR finder)
+        # peak lr (× batch/256 with --optim.lr_scaling linear); read by configure_optimizers at call time (LR finder)
+        self.lr = effective_lr(self.cfg)
         self.last_cross_correlation: Optional[Tensor] = None
         self.val_cross_correlation: Optional[Tensor] = None
         self._val_c_sum: Optional[Tensor] = None

@@ -29,13 +29,22 @@ def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float = 0.0051,
     loss = Σ_i (1 − C_ii)² + λ Σ_{i≠j} C_ij². Always computed in float32, also under autocast, because
     the D² sum of squares loses the diagonal's signal in bf16.
 
-    ``weight`` (N,): per-sample weights for the standardisation and the mean over the batch (the dense
-    term gives points of non-overlapping crops weight 0, without a host sync to drop them).
+    ``weight`` (N,): non-negative per-sample weights for the standardisation and the mean over the batch (the
+    dense term gives points of non-overlapping crops weight 0). Fewer than 2 samples of positive weight
+    raise ValueError, as a batch of fewer than 2 samples does: nothing can be standardised, and the loss
+    would be D whatever the embeddings (C = 0), with no gradient. Checking costs one host sync.
     """
     if z1.shape != z2.shape or z1.ndim != 2:
         raise ValueError(f"expected two (N, D) embeddings of the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
     if z1.shape[0] < 2:
         raise ValueError("Barlow Twins needs at least 2 samples per batch to standardise over the batch")
+    if weight is not None:
+        if weight.shape != (z1.shape[0],):
+            raise ValueError(f"weight must be ({z1.shape[0]},), one per sample, got {tuple(weight.shape)}")
+        positive = int((weight > 0).sum())
+        if positive < 2:
+            raise ValueError(f"Barlow Twins needs at least 2 samples of positive weight to standardise over the "
+                             f"batch; {positive} of the {z1.shape[0]} weights are > 0")
     with torch.autocast(device_type=z1.device.type, enabled=False):
         if weight is None:
             c = standardize(z1.float()).T @ standardize(z2.float()) / z1.shape[0]

@@ -1,9 +1,10 @@
 """Segmentation models: a backbone + a head, returning logits at the input resolution.
 
 * ViT backbones feed the patch-token grids of chosen blocks (CLS dropped) to a head from
-  ``models.heads.HEADS`` (linear, setr_naive, setr_pup, setr_mla, attn_fusion). A head that declares
-  ``needs_attention`` (attn_fusion) also gets those blocks' softmax attention, recorded during the same
-  backbone pass (one pass per forward; the other heads pay nothing for it).
+  ``models.heads.HEADS`` (linear, setr_naive, setr_pup, setr_mla, setr_pytorch_naive, setr_pytorch_pup,
+  attn_fusion); SETR's auxiliary heads' logits come back as ``out["aux"]`` (a list) in training mode.
+  A head that declares ``needs_attention`` (attn_fusion) also gets those blocks' softmax attention,
+  recorded during the same backbone pass (one pass per forward; the other heads pay nothing for it).
 * ResNet-50 is used inside torchvision's DeepLabV3 (dilated, output stride 8), as in the report's Table 1.
 
 A frozen backbone runs in eval mode under ``torch.no_grad()``: no graph, no gradients, no BatchNorm
@@ -11,6 +12,7 @@ statistics updates; only the head trains.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Optional
 
@@ -23,12 +25,21 @@ from config.hparams import Hparams
 from models.backbones import build_backbone, is_vit
 from models.backbones.vit import ViTBackbone
 from models.heads import HEADS, head_levels
-from models.weights import load_into
+from models.backbones.resnet import imagenet_weights_download
+from models.weights import load_into, torchvision_weights
 from utils.attention import BlockAttention, block_attention, recorded_attention_inputs
 
 log = logging.getLogger(__name__)
 
 DEEPLAB_HEAD = "deeplabv3"
+
+HEAD_WEIGHTS = "--segmentation.head_weights"
+HEAD_HINT = "check --segmentation.head / hidden_dim / num_classes / mla_blocks and the backbone's embed_dim / patch_size"
+# What --segmentation.pretrained_head can do without network instead: torchvision's file is a DeepLabV3 state
+# dict, whose classifier.* / aux_classifier.* are the head and backbone.* the ResNet-50.
+COCO_OFFLINE = ("download that file elsewhere and pass it as both --segmentation.head_weights PATH and --backbone.weights "
+                "PATH (with --segmentation.aux_loss true for its auxiliary head) instead of "
+                "--segmentation.pretrained_head, or copy it to {cached}")
 
 
 class Segmenter(nn.Module):
@@ -63,13 +74,17 @@ class ViTSegmenter(Segmenter):
         super().__init__(freeze_backbone)
         self.backbone, self.head, self.levels = backbone, head, levels
         self.needs_attention = bool(getattr(head, "needs_attention", False))
+        # SETR's heads normalise the raw block outputs with LayerNorms of their own (backbone_norm = False).
+        self.backbone_norm = bool(getattr(head, "backbone_norm", True))
         self.freeze()
 
     def features(self, x: Tensor) -> list[Tensor]:
-        """Patch-token grids (B, D, H/p, W/p) of the chosen blocks, after the final norm."""
+        """Patch-token grids (B, D, H/p, W/p) of the chosen blocks, after the final norm unless the head
+        normalises them itself."""
         with self._features_context():
             return self.backbone.vit.forward_intermediates(
-                x, indices=self.levels, norm=True, stop_early=True, output_fmt="NCHW", intermediates_only=True
+                x, indices=self.levels, norm=self.backbone_norm, stop_early=True, output_fmt="NCHW",
+                intermediates_only=True
             )
 
     def features_and_attention(self, x: Tensor) -> tuple[list[Tensor], list[BlockAttention]]:
@@ -83,14 +98,22 @@ class ViTSegmenter(Segmenter):
             attentions = [block_attention(vit, i, inputs[i], grid) for i in self.levels]
         return feats, attentions
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
+    def forward(self, x: Tensor) -> dict[str, Tensor | list[Tensor]]:
         if self.needs_attention:
-            logits = self.head(*self.features_and_attention(x))
+            out = self.head(*self.features_and_attention(x))
         else:
-            logits = self.head(self.features(x))
-        if logits.shape[-2:] != x.shape[-2:]:
-            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return {"out": logits}
+            out = self.head(self.features(x))
+        logits, aux = out if isinstance(out, tuple) else (out, [])  # SETR's auxiliary heads (training only)
+
+        def to_input_size(t: Tensor) -> Tensor:
+            if t.shape[-2:] == x.shape[-2:]:
+                return t
+            return F.interpolate(t, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+        result: dict[str, Tensor | list[Tensor]] = {"out": to_input_size(logits)}
+        if aux:
+            result["aux"] = [to_input_size(t) for t in aux]
+        return result
 
     def head_modules(self) -> list[nn.Module]:
         return [self.head]
@@ -142,23 +165,34 @@ def build_deeplabv3(cfg: Hparams) -> DeepLabV3Segmenter:
     from torchvision.models.segmentation import DeepLabV3_ResNet50_Weights, deeplabv3_resnet50
 
     seg = cfg.segmentation
+    # Published weights come from torch.hub's cache when there, else after one quick connection attempt;
+    # without network each fails in one line naming its flag and the offline alternative.
     if seg.pretrained_head:  # the whole COCO-trained model (its 21 classes are VOC's)
-        model = deeplabv3_resnet50(weights=DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1, aux_loss=True)
+        coco = DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1
+        with torchvision_weights(coco, "--segmentation.pretrained_head",
+                                 "torchvision's COCO DeepLabV3-ResNet-50 weights", COCO_OFFLINE):
+            model = deeplabv3_resnet50(weights=coco, aux_loss=True)
         if not seg.aux_loss:
             model.aux_classifier = None
     else:
         backbone_weights = ResNet50_Weights.IMAGENET1K_V1 if cfg.backbone.pretrained else None
-        model = deeplabv3_resnet50(weights=None, weights_backbone=backbone_weights,
-                                   num_classes=seg.num_classes, aux_loss=seg.aux_loss)
+        with imagenet_weights_download() if backbone_weights else contextlib.nullcontext():
+            model = deeplabv3_resnet50(weights=None, weights_backbone=backbone_weights,
+                                       num_classes=seg.num_classes, aux_loss=seg.aux_loss)
     if seg.pretrained_head and cfg.backbone.pretrained:  # Table 1: COCO head, ImageNet-supervised backbone
-        imagenet = torchvision.models.resnet50(weights=ResNet50_Weights.IMAGENET1K_V1).state_dict()
+        with imagenet_weights_download():
+            imagenet = torchvision.models.resnet50(weights=ResNet50_Weights.IMAGENET1K_V1).state_dict()
         model.backbone.load_state_dict({k: v for k, v in imagenet.items() if not k.startswith("fc.")})
     if seg.head_weights:
         heads = nn.ModuleDict({"classifier": model.classifier})
         if model.aux_classifier is not None:
             heads["aux_classifier"] = model.aux_classifier
+        # Without aux_loss the model has no auxiliary head: a file's aux_classifier.* is left out, as
+        # pretrained_head does, so torchvision's COCO file loads cleanly either way.
+        wanted = tuple(f"{name}." for name in heads)
         load_into(heads, seg.head_weights, strict=cfg.backbone.strict_weights, prefixes=("model.", ""),
-                  select=lambda key: key.startswith(("classifier.", "aux_classifier.")))
+                  select=lambda key: key.startswith(wanted), flag=HEAD_WEIGHTS, target_name="segmentation head",
+                  hint=HEAD_HINT)
     if cfg.backbone.weights:
         load_into(model.backbone, cfg.backbone.weights, strict=cfg.backbone.strict_weights,
                   prefixes=("model.backbone.", "backbone.model.", "backbone."))
@@ -178,7 +212,8 @@ def build_vit_segmenter(cfg: Hparams) -> ViTSegmenter:
         extra["num_heads"] = backbone.vit.blocks[levels[-1]].attn.num_heads
     head = factory(backbone.num_features, seg.num_classes, backbone.patch_size, seg, num_levels=len(levels), **extra)
     if seg.head_weights:
-        load_into(head, seg.head_weights, strict=cfg.backbone.strict_weights, prefixes=("model.head.", "head."))
+        load_into(head, seg.head_weights, strict=cfg.backbone.strict_weights, prefixes=("model.head.", "head."),
+                  flag=HEAD_WEIGHTS, target_name="segmentation head", hint=HEAD_HINT)
     return ViTSegmenter(backbone, head, levels, seg.freeze_backbone)
 
 

@@ -42,6 +42,7 @@ def tiny_args(data_root: Path, output_dir: Path, run_name: str = "tiny", **overr
         "data.img_size": 32, "data.batch_size": 8, "data.num_workers": 0,
         "backbone.name": "vit", "backbone.depth": 2, "backbone.embed_dim": 32, "backbone.num_heads": 2,
         "backbone.patch_size": 8, "barlow.proj_dim": 64, "optim.warmup_epochs": 1,
+        "callbacks.emergence_img_size": 32,
         "trainer.max_epochs": 2, "trainer.log_every_n_steps": 1, "trainer.progress_bar": "false",
         "log.output_dir": str(output_dir), "log.run_name": run_name, "log.wandb_mode": "offline",
     }

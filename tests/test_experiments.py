@@ -49,7 +49,7 @@ def test_quoted_miou_is_the_reports(path):
 
 def test_random_vits16_row_runs_end_to_end_with_tiny_overrides(tiny, tmp_path):
     path = ROOT / "config" / "experiments" / "table2" / "random_vits16_setr_naive.yaml"
-    assert load_yaml(path)["segmentation"]["head"] == "setr_naive"
+    assert load_yaml(path)["segmentation"]["head"] == "setr_pytorch_naive"  # the report's setr-pytorch head
     args = ["--config", str(path), *tiny("row"), "--task=segmentation", "--segmentation.hidden_dim=8",
             "--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.precision=32-true"]
     assert main.main(args) == 0

@@ -176,3 +176,21 @@ def test_batch_of_one_raises():
         barlow_twins_loss(torch.randn(1, 4), torch.randn(1, 4))
     loss, _ = barlow_twins_loss(torch.randn(2, 4), torch.randn(2, 4))  # 2 is the minimum that works
     assert torch.isfinite(loss)
+
+
+def test_weights_select_samples_and_fewer_than_two_positive_weights_raise():
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(6, 4), torch.randn(6, 4)
+    # weight 0 drops a sample: the loss of the weighted batch is the plain loss of the kept rows
+    keep = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    rows = keep.bool()
+    loss, c = barlow_twins_loss(z1, z2, 0.01, weight=keep)
+    want, want_c, _, _ = loop_reference(z1[rows], z2[rows], 0.01)
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    torch.testing.assert_close(c.double(), torch.tensor(want_c, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    # all weights 0 used to return D (= 4, C = 0) whatever the embeddings: now an error, as a batch of one is
+    for weight, positive in ((torch.zeros(6), 0), (torch.tensor([0.0, 0, 0, 2, 0, 0]), 1)):
+        with pytest.raises(ValueError, match=f"at least 2 samples of positive weight.*{positive} of the 6 weights"):
+            barlow_twins_loss(z1, z2, weight=weight)
+    with pytest.raises(ValueError, match=r"weight must be \(6,\)"):
+        barlow_twins_loss(z1, z2, weight=torch.ones(5))

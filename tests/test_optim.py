@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from config.hparams import OptimConfig
-from utils.optim import LARS, build_optimizer, parameter_groups
-from utils.schedule import warmup_cosine, warmup_cosine_factor
+from utils.optim import LARS, build_optimizer, effective_lr, global_batch_size, lr_scale, parameter_groups
+from utils.schedule import log_effective_lr, warmup_cosine, warmup_cosine_factor
 
 
 class Tiny(nn.Module):
@@ -182,7 +182,7 @@ def test_unknown_optimizer_raises():
 
 def reference_factor(step, warmup, total, min_ratio):
     if step < warmup:
-        return (step + 1) / warmup
+        return step / warmup  # the official Barlow Twins warmup: rate 0 at the first step
     t = min(step, total)
     angle = math.pi * (t - warmup) / (total - warmup)
     return min_ratio + (1 - min_ratio) * (1 + math.cos(angle)) / 2
@@ -190,8 +190,9 @@ def reference_factor(step, warmup, total, min_ratio):
 
 def test_warmup_cosine_factor_values():
     warmup, total, min_ratio = 5, 25, 0.1
-    assert warmup_cosine_factor(0, warmup, total, min_ratio) == pytest.approx(0.2)
-    assert warmup_cosine_factor(4, warmup, total, min_ratio) == pytest.approx(1.0)
+    assert warmup_cosine_factor(0, warmup, total, min_ratio) == 0.0
+    assert warmup_cosine_factor(1, warmup, total, min_ratio) == pytest.approx(0.2)
+    assert warmup_cosine_factor(4, warmup, total, min_ratio) == pytest.approx(0.8)
     assert warmup_cosine_factor(5, warmup, total, min_ratio) == pytest.approx(1.0)
     # Halfway through the decay the cosine is at 0: min + (1 − min)/2.
     assert warmup_cosine_factor(15, warmup, total, min_ratio) == pytest.approx(0.55)
@@ -225,5 +226,111 @@ def test_lambda_lr_reproduces_the_sequence():
     for step, lrs in enumerate(seen):
         factor = reference_factor(step, 3, 12, 0.01)
         assert lrs == pytest.approx([peak * factor for peak in peaks], rel=1e-12), step
-    assert seen[0][0] == pytest.approx(0.4 / 3)
-    assert seen[2][0] == pytest.approx(0.4) and seen[12][0] == pytest.approx(0.004)
+    assert seen[0][0] == 0.0 and seen[1][0] == pytest.approx(0.4 / 3)
+    assert seen[3][0] == pytest.approx(0.4) and seen[12][0] == pytest.approx(0.004)
+
+
+# ---------------------------------------------------------------------- the official Barlow Twins recipe
+def official_adjust_learning_rate(step: int, loader_len: int, epochs: int, batch_size: int,
+                                  lr_weights: float = 0.2, lr_biases: float = 0.0048) -> tuple[float, float]:
+    """facebookresearch/barlowtwins main.py ``adjust_learning_rate``, transcribed: (weights' lr, biases' lr)."""
+    max_steps = epochs * loader_len
+    warmup_steps = 10 * loader_len
+    base_lr = batch_size / 256
+    if step < warmup_steps:
+        lr = base_lr * step / warmup_steps
+    else:
+        step -= warmup_steps
+        max_steps -= warmup_steps
+        q = 0.5 * (1 + math.cos(math.pi * step / max_steps))
+        end_lr = base_lr * 0.001
+        lr = base_lr * q + end_lr * (1 - q)
+    return lr * lr_weights, lr * lr_biases
+
+
+def test_readme_lars_recipe_reproduces_the_official_rates_step_by_step():
+    from config.loading import parse_config
+
+    cfg = parse_config(["--optim.name=lars", "--optim.lr=0.2", "--optim.lr_scaling=linear", "--optim.bias_lr_scale=0.024",
+                        "--optim.weight_decay=1.5e-6", "--data.batch_size=64"])
+    assert (cfg.optim.warmup_epochs, cfg.optim.min_lr_ratio) == (10, 0.001)  # the official defaults
+    assert effective_lr(cfg) == pytest.approx(0.05)  # 0.2 × 64 / 256, not 0.2
+    loader_len, epochs = 7, 30
+    opt = build_optimizer(tiny_model(), cfg.optim, effective_lr(cfg))
+    sched = warmup_cosine(opt, round(cfg.optim.warmup_epochs * loader_len), epochs * loader_len, cfg.optim.min_lr_ratio)
+    for step in range(epochs * loader_len):
+        weights_lr, biases_lr = official_adjust_learning_rate(step, loader_len, epochs, 64)
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([weights_lr, biases_lr], rel=1e-9, abs=1e-15), step
+        opt.step()
+        sched.step()
+
+
+def test_linear_scaling_uses_the_global_batch():
+    from config.loading import parse_config
+
+    plain = parse_config(["--optim.lr=0.2", "--data.batch_size=64"])
+    assert lr_scale(plain) == 1.0 and effective_lr(plain) == 0.2  # lr_scaling defaults to none
+    cfg = parse_config(["--optim.lr=0.2", "--optim.lr_scaling=linear", "--data.batch_size=64", "--trainer.devices=2",
+                        "--trainer.num_nodes=2"])
+    assert global_batch_size(cfg) == 256 and effective_lr(cfg) == pytest.approx(0.2)
+    cfg.data.batch_size = 2048 // 4
+    assert effective_lr(cfg) == pytest.approx(0.2 * 2048 / 256)  # the official ImageNet run: 1.6
+    cfg.optim.lr_scaling = "sqrt"
+    with pytest.raises(ValueError, match="valid: none, linear"):
+        effective_lr(cfg)
+
+
+def test_linear_scaling_refuses_the_tuners():
+    from config.loading import ConfigError, parse_config
+    from config.validation import validate
+
+    for tune in ("--trainer.tune_lr=true", "--trainer.tune_batch_size=true"):
+        with pytest.raises(ConfigError, match="--optim.lr_scaling=linear scales optim.lr by the batch fixed at start"):
+            validate(parse_config(["--optim.lr_scaling=linear", tune, "--data.dataset=synthetic"]))
+    with pytest.raises(ConfigError, match="lr_scaling"):
+        parse_config(["--optim.lr_scaling=sqrt"])
+
+
+def test_log_effective_lr_logs_the_first_groups_peak_on_rank_zero():
+    from types import SimpleNamespace
+
+    class Recorder:
+        def __init__(self):
+            self.rows = []
+
+        def log_metrics(self, metrics, step):
+            self.rows.append((step, metrics))
+
+    opt = build_optimizer(tiny_model(), OptimConfig(lr=0.05, bias_lr_scale=0.024), lr=0.05)
+    a, b = Recorder(), Recorder()
+    log_effective_lr(SimpleNamespace(is_global_zero=True, loggers=[a, b], global_step=7), opt)
+    assert a.rows == b.rows == [(7, {"optim/effective_lr": 0.05})]
+    log_effective_lr(SimpleNamespace(is_global_zero=False, loggers=[a], global_step=8), opt)
+    assert len(a.rows) == 1
+
+
+def test_segmentation_run_trains_at_the_scaled_rate_and_logs_it(tiny, tmp_path):
+    import csv
+
+    import main
+
+    args = tiny("scaled", task="segmentation", segmentation__hidden_dim=8, data__batch_size=4,
+                optim__lr_scaling="linear", optim__lr=0.64, optim__warmup_epochs=0, trainer__max_steps=2,
+                trainer__limit_val_batches=1, callbacks__predictions="false", log__wandb_mode="disabled")
+    assert main.main(args) == 0
+    with (tmp_path / "runs" / "scaled" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    logged = [float(r["optim/effective_lr"]) for r in rows if r.get("optim/effective_lr")]
+    assert logged == [pytest.approx(0.64 * 4 / 256)]
+    first_lr = next(float(r["lr-AdamW/pg1"]) for r in rows if r.get("lr-AdamW/pg1"))
+    assert first_lr == pytest.approx(0.01)  # no warmup: the first step runs at the peak, 0.64 × 4 / 256
+
+
+def test_lr_scaling_note_names_the_rate_and_its_origin():
+    from config.loading import parse_config
+
+    from utils.optim import lr_scaling_note
+
+    cfg = parse_config(["--optim.lr=0.2", "--optim.lr_scaling=linear", "--data.batch_size=64"])
+    assert lr_scaling_note(cfg) == "effective optim.lr: 0.05 (0.2 × global batch 64 / 256, --optim.lr_scaling linear)"
+    assert lr_scaling_note(parse_config(["--optim.lr=0.2"])) == "effective optim.lr: 0.2 (--optim.lr_scaling none)"

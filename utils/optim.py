@@ -46,6 +46,40 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+LINEAR_SCALING_BATCH = 256  # the official Barlow Twins code: lr = base × batch / 256
+
+
+def global_batch_size(cfg) -> int:
+    """Images per optimiser step over all processes: data.batch_size (per device) × devices × nodes."""
+    return cfg.data.batch_size * max(1, cfg.trainer.devices) * max(1, cfg.trainer.num_nodes)
+
+
+def lr_scale(cfg) -> float:
+    """The factor ``optim.lr_scaling`` applies to ``optim.lr`` (``cfg`` is the full Hparams): 1 for
+    'none', global batch / 256 for 'linear'."""
+    if cfg.optim.lr_scaling == "none":
+        return 1.0
+    if cfg.optim.lr_scaling == "linear":
+        return global_batch_size(cfg) / LINEAR_SCALING_BATCH
+    raise ValueError(f"unknown --optim.lr_scaling {cfg.optim.lr_scaling!r}; valid: none, linear")
+
+
+def effective_lr(cfg) -> float:
+    """The peak learning rate a run uses: ``optim.lr × lr_scale(cfg)`` (official Barlow Twins LARS at batch 64:
+    0.2 × 64 / 256 = 0.05). The 1-D parameters get it times ``optim.bias_lr_scale``."""
+    return cfg.optim.lr * lr_scale(cfg)
+
+
+def lr_scaling_note(cfg) -> str:
+    """One line saying which peak rate the run uses and why, e.g. for a comment atop config.yaml:
+    ``effective optim.lr: 0.05 (0.2 × global batch 64 / 256, --optim.lr_scaling linear)``."""
+    lr = effective_lr(cfg)
+    if cfg.optim.lr_scaling == "none":
+        return f"effective optim.lr: {lr:g} (--optim.lr_scaling none)"
+    return (f"effective optim.lr: {lr:g} ({cfg.optim.lr:g} × global batch {global_batch_size(cfg)} / "
+            f"{LINEAR_SCALING_BATCH}, --optim.lr_scaling {cfg.optim.lr_scaling})")
+
+
 def parameter_groups(model: nn.Module, cfg: OptimConfig, lr: float) -> list[dict]:
     """Trainable parameters in one group, or two (matrices / 1-D tensors) with exclude_1d_from_decay."""
     params = [p for p in model.parameters() if p.requires_grad]

@@ -8,9 +8,17 @@ A head is registered as a factory::
 
 The module maps ``features``, a list of patch-token grids (B, in_dim, h, w) (CLS token dropped), one per
 consumed ViT block in ascending block order, to logits (B, num_classes, h_out, w_out). The caller upsamples
-the logits bilinearly to the input size. ``num_levels`` is ``len(head_levels(name, depth, cfg))``; a factory
-that consumes several blocks carries a ``levels(depth, cfg) -> list[int]`` attribute saying which (see
-``models.heads.head_levels``), every other head consumes the last block only.
+the logits bilinearly to the input size. A head with auxiliary heads (SETR's, ``--segmentation.aux_loss``)
+returns ``(logits, [aux logits, ...])`` in training mode (see :func:`with_aux`); each auxiliary output is
+upsampled and trained like the main one, with weight ``--segmentation.aux_weight``.
+
+The grids are the blocks' outputs after the ViT's final LayerNorm, unless the module sets
+``backbone_norm = False``: then it gets the raw block outputs and normalises them itself, as SETR's heads
+do with a trainable LayerNorm of their own (:class:`TokenLayerNorm`).
+
+``num_levels`` is ``len(head_levels(name, depth, cfg))``; a factory that consumes several blocks carries a
+``levels(depth, cfg) -> list[int]`` attribute saying which (see ``models.heads.head_levels``), every other
+head consumes the last block only.
 """
 from __future__ import annotations
 
@@ -46,9 +54,35 @@ def conv_norm_relu(in_dim: int, out_dim: int, kernel_size: int) -> nn.Sequential
     return nn.Sequential(conv, nn.BatchNorm2d(out_dim), nn.ReLU(inplace=True))
 
 
-def classifier(in_dim: int, num_classes: int) -> nn.Conv2d:
-    """The final 1×1 conv: small random weights (not zero, so gradients reach the features), bias 0."""
-    conv = nn.Conv2d(in_dim, num_classes, 1)
+def classifier(in_dim: int, num_classes: int, kernel_size: int = 1) -> nn.Conv2d:
+    """The final conv (1×1 unless asked): small random weights (mmseg's conv_seg init, normal std 0.01; not
+    zero, so gradients reach the features), bias 0."""
+    conv = nn.Conv2d(in_dim, num_classes, kernel_size, padding=kernel_size // 2)
     nn.init.normal_(conv.weight, std=0.01)
     nn.init.zeros_(conv.bias)
     return conv
+
+
+def classifier_dropout(p: float) -> nn.Module:
+    """mmseg's dropout before a decode head's classifier (``nn.Dropout2d``: whole channels; its
+    BaseDecodeHead default is 0.1, SETR's own heads and mmseg's current SETR configs use none)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"classifier dropout must be in [0, 1), got {p}")
+    return nn.Dropout2d(p) if p > 0 else nn.Identity()
+
+
+class TokenLayerNorm(nn.LayerNorm):
+    """LayerNorm of every patch token of a (B, C, h, w) grid over its C channels, with SETR's eps 1e-6: the
+    trainable norm SETR's heads apply to the raw output of the ViT block they read."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim, eps=1e-6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def with_aux(main: Tensor, aux: list[Tensor]) -> Tensor | tuple[Tensor, list[Tensor]]:
+    """A head's return value: the logits, or ``(logits, auxiliary logits)`` when it has auxiliary heads
+    (computed in training mode only: their losses train, their predictions are never evaluated)."""
+    return (main, aux) if aux else main

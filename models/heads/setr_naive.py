@@ -1,6 +1,12 @@
 """SETR-Naive head (Zheng et al., "Rethinking Semantic Segmentation from a Sequence-to-Sequence
 Perspective with Transformers", CVPR 2021): a per-patch two-layer MLP on the last block's patch tokens,
-1×1 conv → BatchNorm → ReLU → 1×1 conv; logits at patch resolution."""
+1×1 conv (hidden_dim, SETR: 256) → BatchNorm → ReLU → 1×1 conv; logits at patch resolution.
+
+As SETR's official naive head (``VisionTransformerUpHead`` with num_conv=2, 1×1 kernels) except that its
+input is the ViT's final LayerNorm output instead of a LayerNorm of the head's own (both normalise each
+token; only the affine parameters differ, and the 1×1 conv absorbs them), and that the conv before the
+BatchNorm has no bias. The report's variant (hidden width = the embedding width) is
+``setr_pytorch_naive``."""
 from __future__ import annotations
 
 from typing import Sequence

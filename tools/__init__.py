@@ -1,0 +1,1 @@
+"""Command-line programs beside ``main.py``, each run as ``python -m tools.<name> ...``."""
