@@ -1,10 +1,16 @@
 """Checks of a parsed config that run before any data or model is touched.
 
 Each failure is a :class:`ConfigError` whose one-line message names the flag and what would be valid.
+
+Two passes, so that a mistyped value is reported in a fraction of a second: :func:`validate_values`
+is plain Python (ranges, choices, files; it imports nothing heavier than the config itself), and
+:func:`validate_components` runs after it, importing torch, timm and Lightning for what needs them
+(registered names, a named timm model's architecture, visible GPUs).
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 from config.hparams import Hparams
 from config.loading import ConfigError
@@ -14,6 +20,8 @@ PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "1
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "ddp_notebook")
 VIT_ONLY_FIELDS = ("depth", "embed_dim", "num_heads", "patch_size")
+AUX_HEADS = ("deeplabv3", "setr_pup", "setr_mla")  # heads with auxiliary heads (--segmentation.aux_loss)
+DROPOUT_HEADS = ("setr_pup", "setr_mla")  # heads with --segmentation.classifier_dropout
 
 
 def _positive(value: float, flag: str) -> None:
@@ -31,35 +39,34 @@ def _registered(registry, name: str, flag: str) -> None:
         raise ConfigError(f"{flag}: {UnknownNameError(registry.kind, name, registry.names())}")
 
 
-def validate_backbone(cfg: Hparams) -> None:
-    from models.backbones import check_backbone_name, is_vit
-    from models.backbones.vit import resolve_architecture
+def _check_architecture(cfg: Hparams, arch: Mapping[str, int]) -> None:
+    """Width/heads and input/patch size consistency of the keys present in ``arch`` (a ViT's
+    depth / embed_dim / num_heads / patch_size, complete or only the overrides given)."""
+    if "embed_dim" in arch and "num_heads" in arch and arch["embed_dim"] % arch["num_heads"]:
+        raise ConfigError(
+            f"--backbone.embed_dim={arch['embed_dim']} is not divisible by --backbone.num_heads={arch['num_heads']}"
+            f" (e.g. num_heads in {[h for h in range(1, 17) if arch['embed_dim'] % h == 0]})"
+        )
+    if "patch_size" in arch and cfg.data.img_size > 0 and cfg.data.img_size % arch["patch_size"]:
+        p = arch["patch_size"]
+        lower, upper = cfg.data.img_size // p * p, (cfg.data.img_size // p + 1) * p
+        raise ConfigError(
+            f"--data.img_size={cfg.data.img_size} is not a multiple of the patch size {p} "
+            f"(--backbone.patch_size); e.g. {lower or upper} or {upper}"
+        )
 
+
+# ---------------------------------------------------------------- pass 1: plain Python
+def backbone_values(cfg: Hparams) -> None:
     b = cfg.backbone
-    try:
-        check_backbone_name(b.name)
-    except UnknownNameError as err:
-        raise ConfigError(f"--backbone.name: {err}") from None
     for name in VIT_ONLY_FIELDS:
         value = getattr(b, name)
         if value < 0:
             raise ConfigError(f"--backbone.{name} must be > 0 (or 0 for the named model's value), got {value}")
-        if value and not is_vit(b.name):
-            raise ConfigError(f"--backbone.{name} applies to ViT backbones only, not {b.name!r}; leave it at 0")
-    if is_vit(b.name):
-        arch = resolve_architecture(b)
-        if arch["embed_dim"] % arch["num_heads"]:
-            raise ConfigError(
-                f"--backbone.embed_dim={arch['embed_dim']} is not divisible by --backbone.num_heads={arch['num_heads']}"
-                f" (e.g. num_heads in {[h for h in range(1, 17) if arch['embed_dim'] % h == 0]})"
-            )
-        if cfg.data.img_size % arch["patch_size"]:
-            p = arch["patch_size"]
-            lower, upper = cfg.data.img_size // p * p, (cfg.data.img_size // p + 1) * p
-            raise ConfigError(
-                f"--data.img_size={cfg.data.img_size} is not a multiple of the patch size {p} "
-                f"(--backbone.patch_size); e.g. {lower or upper} or {upper}"
-            )
+    # The overrides alone already decide these for every timm ViT name ('pixels' derives its own widths,
+    # other backbones refuse the overrides in pass 2).
+    if b.name == "vit" or b.name.startswith("vit_"):
+        _check_architecture(cfg, {name: getattr(b, name) for name in VIT_ONLY_FIELDS if getattr(b, name)})
     if b.pretrained and b.name == "vit":
         raise ConfigError("--backbone.pretrained needs a named model with published weights (e.g. "
                           "--backbone.name=vit_small_patch16_224.dino), not the generic 'vit'")
@@ -79,25 +86,17 @@ def validate_backbone(cfg: Hparams) -> None:
                           "--backbone.pretrained; use resnet_norm=batch or frozen")
 
 
-def validate_data(cfg: Hparams) -> None:
-    from datamodules import DATASETS
-
+def data_values(cfg: Hparams) -> None:
     d = cfg.data
-    _registered(DATASETS, d.dataset, "--data.dataset")
     _positive(d.batch_size, "--data.batch_size")
     if d.batch_size < 2:
         raise ConfigError(f"--data.batch_size must be >= 2 (the loss standardises over the batch), got {d.batch_size}")
     _positive(d.img_size, "--data.img_size")
     if d.val_max_images < 0:
         raise ConfigError(f"--data.val_max_images must be >= 0 (0 = all), got {d.val_max_images}")
-    problem = DATASETS.get(d.dataset).check(d)
-    if problem:
-        raise ConfigError(problem)
 
 
-def validate_augment(cfg: Hparams) -> None:
-    from datamodules.transforms import blur_kernel_size
-
+def augment_values(cfg: Hparams) -> None:
     a = cfg.aug
     for name in ("hflip_prob", "jitter_prob", "grayscale_prob", "blur_prob_1", "blur_prob_2",
                  "solarize_prob_1", "solarize_prob_2"):
@@ -114,16 +113,9 @@ def validate_augment(cfg: Hparams) -> None:
         raise ConfigError(f"--aug.blur_sigma_min/max must satisfy 0 < min <= max, got {a.blur_sigma_min} and {a.blur_sigma_max}")
     if a.blur_kernel_size and (a.blur_kernel_size < 3 or a.blur_kernel_size % 2 == 0):
         raise ConfigError(f"--aug.blur_kernel_size must be odd and >= 3 (or 0 = auto), got {a.blur_kernel_size}")
-    # Both augmentation modes blur the img_size² Barlow Twins view with reflect padding, which must be
-    # narrower than the view.
-    kernel = blur_kernel_size(a)
-    if cfg.task == "barlow_twins" and 0 < cfg.data.img_size <= kernel // 2:
-        source = "--aug.blur_kernel_size" if a.blur_kernel_size else "the kernel implied by --aug.blur_sigma_max"
-        raise ConfigError(f"{source} ({kernel} px) needs {kernel // 2} px of reflect padding, which must be less "
-                          f"than --data.img_size={cfg.data.img_size}; use a kernel of at most {2 * cfg.data.img_size - 1}")
 
 
-def validate_training(cfg: Hparams) -> None:
+def training_values(cfg: Hparams) -> None:
     _positive(cfg.barlow.proj_dim, "--barlow.proj_dim")
     _positive(cfg.barlow.proj_layers, "--barlow.proj_layers")
     if cfg.barlow.lambd < 0:
@@ -133,11 +125,6 @@ def validate_training(cfg: Hparams) -> None:
     if cfg.barlow.dense_weight < 0:
         raise ConfigError(f"--barlow.dense_weight must be >= 0 (0 = off), got {cfg.barlow.dense_weight}")
     if cfg.barlow.dense_weight > 0 and cfg.task == "barlow_twins":
-        from models.backbones import is_vit
-
-        if not is_vit(cfg.backbone.name):
-            raise ConfigError(f"--barlow.dense_weight needs a ViT backbone (it matches patch tokens); "
-                              f"--backbone.name={cfg.backbone.name} has none")
         _positive(cfg.barlow.dense_proj_dim, "--barlow.dense_proj_dim")
         if cfg.barlow.dense_points < 1 or cfg.barlow.dense_points * cfg.data.batch_size < 2:
             raise ConfigError(f"--barlow.dense_points must be >= 1 with at least 2 points per batch, got "
@@ -152,6 +139,9 @@ def validate_training(cfg: Hparams) -> None:
         raise ConfigError(f"--optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
     _positive(o.bias_lr_scale, "--optim.bias_lr_scale")
     t = cfg.trainer
+    if o.lr_scaling == "linear" and (t.tune_lr or t.tune_batch_size):
+        raise ConfigError("--optim.lr_scaling=linear scales optim.lr by the batch fixed at start; the tuners change "
+                          "the rate (tune_lr) or the batch (tune_batch_size) afterwards: tune with lr_scaling=none")
     if t.max_steps == -1:
         _positive(t.max_epochs, "--trainer.max_epochs")
     elif t.max_steps <= 0:
@@ -162,12 +152,9 @@ def validate_training(cfg: Hparams) -> None:
     _positive(t.num_nodes, "--trainer.num_nodes")
     if t.strategy not in STRATEGIES:
         raise ConfigError(f"--trainer.strategy: {t.strategy!r} is not one of {', '.join(STRATEGIES)}")
-    if t.sync_batchnorm:
-        import torch
-
-        if t.accelerator == "cpu" or not torch.cuda.is_available():
-            raise ConfigError("--trainer.sync_batchnorm needs CUDA GPUs (torch's SyncBatchNorm has no CPU "
-                              "implementation); the projector normalises over the global batch without it")
+    if t.sync_batchnorm and t.accelerator == "cpu":
+        raise ConfigError("--trainer.sync_batchnorm needs CUDA GPUs (torch's SyncBatchNorm has no CPU "
+                          "implementation); the projector normalises over the global batch without it")
     if t.precision not in PRECISIONS:
         raise ConfigError(f"--trainer.precision: {t.precision!r} is not one of {', '.join(PRECISIONS)}")
     if t.accelerator not in ACCELERATORS:
@@ -199,7 +186,119 @@ def validate_training(cfg: Hparams) -> None:
         raise ConfigError(f"--trainer.resume: checkpoint {t.resume!r} does not exist (give a .ckpt file, a run directory, or 'auto')")
 
 
-def validate_segmentation(cfg: Hparams) -> None:
+def segmentation_values(cfg: Hparams) -> None:
+    s = cfg.segmentation
+    if s.num_classes < 2:
+        raise ConfigError(f"--segmentation.num_classes must be >= 2, got {s.num_classes}")
+    _positive(s.hidden_dim, "--segmentation.hidden_dim")
+    _positive(s.backbone_lr, "--segmentation.backbone_lr")
+    if not 0 <= s.classifier_dropout < 1:
+        raise ConfigError(f"--segmentation.classifier_dropout must be in [0, 1), got {s.classifier_dropout}")
+    _positive(s.log_per_class_every_n_epochs, "--segmentation.log_per_class_every_n_epochs")
+    if not 0 < s.crop_scale_min <= 1:
+        raise ConfigError(f"--segmentation.crop_scale_min must be in (0, 1], got {s.crop_scale_min}")
+    _probability(s.hflip_prob, "--segmentation.hflip_prob")
+    if s.aux_weight < 0 or s.focal_gamma < 0:
+        raise ConfigError("--segmentation.aux_weight and --segmentation.focal_gamma must be >= 0")
+    if s.pretrained_head and s.num_classes != 21:
+        raise ConfigError("--segmentation.pretrained_head: the COCO DeepLabV3 predicts VOC's 21 classes; "
+                          f"--segmentation.num_classes is {s.num_classes}")
+    if s.class_weighting != "none" and s.loss == "dice":
+        raise ConfigError("--segmentation.class_weighting applies to the ce and focal losses (Dice is balanced already)")
+    if s.head_weights and not Path(s.head_weights).is_file():
+        raise ConfigError(f"--segmentation.head_weights: file {s.head_weights!r} does not exist")
+
+
+def callback_values(cfg: Hparams) -> None:
+    c = cfg.callbacks
+    _positive(c.every_n_epochs, "--callbacks.every_n_epochs")
+    _positive(c.num_images, "--callbacks.num_images")
+    if not 0 < c.attention_keep <= 1:
+        raise ConfigError(f"--callbacks.attention_keep must be in (0, 1], got {c.attention_keep}")
+    if c.cross_correlation_block < 0:
+        raise ConfigError(f"--callbacks.cross_correlation_block must be >= 0 (0 = off), got {c.cross_correlation_block}")
+    _positive(c.emergence_images, "--callbacks.emergence_images")
+    _positive(c.emergence_img_size, "--callbacks.emergence_img_size")
+    _positive(c.emergence_every_n_epochs, "--callbacks.emergence_every_n_epochs")
+    _positive(c.online_probe_every_n_epochs, "--callbacks.online_probe_every_n_epochs")
+    _positive(c.online_probe_lr, "--callbacks.online_probe_lr")
+    _positive(c.online_probe_batch_size, "--callbacks.online_probe_batch_size")
+
+
+def validate_values(cfg: Hparams) -> None:
+    """Pass 1: every check that needs no torch, timm or Lightning (no heavy import happens here)."""
+    backbone_values(cfg)
+    data_values(cfg)
+    augment_values(cfg)
+    training_values(cfg)
+    if cfg.task == "segmentation":
+        segmentation_values(cfg)
+    callback_values(cfg)
+    if not cfg.log.output_dir:
+        raise ConfigError("--log.output_dir must not be empty")
+
+
+# ---------------------------------------------------------------- pass 2: registries, models, devices
+def backbone_components(cfg: Hparams) -> None:
+    from models.backbones import check_backbone_name, is_vit
+    from models.backbones.vit import resolve_architecture
+
+    b = cfg.backbone
+    try:
+        check_backbone_name(b.name)
+    except UnknownNameError as err:
+        raise ConfigError(f"--backbone.name: {err}") from None
+    for name in VIT_ONLY_FIELDS:
+        if getattr(b, name) and not is_vit(b.name):
+            raise ConfigError(f"--backbone.{name} applies to ViT backbones only, not {b.name!r}; leave it at 0")
+    if is_vit(b.name):
+        _check_architecture(cfg, resolve_architecture(b))
+
+
+def augment_components(cfg: Hparams) -> None:
+    from datamodules.transforms import blur_kernel_size
+
+    # Both augmentation modes blur the img_size² Barlow Twins view with reflect padding, which must be
+    # narrower than the view.
+    a = cfg.aug
+    kernel = blur_kernel_size(a)
+    if cfg.task == "barlow_twins" and 0 < cfg.data.img_size <= kernel // 2:
+        source = "--aug.blur_kernel_size" if a.blur_kernel_size else "the kernel implied by --aug.blur_sigma_max"
+        raise ConfigError(f"{source} ({kernel} px) needs {kernel // 2} px of reflect padding, which must be less "
+                          f"than --data.img_size={cfg.data.img_size}; use a kernel of at most {2 * cfg.data.img_size - 1}")
+
+
+def training_components(cfg: Hparams) -> None:
+    if cfg.barlow.dense_weight > 0 and cfg.task == "barlow_twins":
+        from models.backbones import is_vit
+
+        if not is_vit(cfg.backbone.name):
+            raise ConfigError(f"--barlow.dense_weight needs a ViT backbone (it matches patch tokens); "
+                              f"--backbone.name={cfg.backbone.name} has none")
+
+
+def device_components(cfg: Hparams) -> None:
+    """The accelerator asked for exists here (Lightning would otherwise stop with a traceback)."""
+    import torch
+
+    t = cfg.trainer
+    cuda = torch.cuda.is_available()
+    if t.accelerator in ("gpu", "cuda") and not cuda:
+        raise ConfigError(f"--trainer.accelerator={t.accelerator}: no CUDA GPU is visible here "
+                          f"(torch.cuda.is_available() is False); use auto (a GPU when there is one) or cpu")
+    if t.accelerator == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--trainer.accelerator=mps: Apple's Metal (MPS) backend is not available here; use auto or cpu")
+    if t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and cuda):
+        visible = torch.cuda.device_count()
+        if t.devices > visible:
+            raise ConfigError(f"--trainer.devices={t.devices}: only {visible} CUDA GPU(s) visible on this machine "
+                              f"(--trainer.devices counts GPUs per node); use at most {visible}")
+    if t.sync_batchnorm and not cuda:
+        raise ConfigError("--trainer.sync_batchnorm needs CUDA GPUs (torch's SyncBatchNorm has no CPU "
+                          "implementation); the projector normalises over the global batch without it")
+
+
+def segmentation_components(cfg: Hparams) -> None:
     from models.backbones import is_vit
     from models.backbones.vit import resolve_architecture
     from models.heads import head_levels
@@ -219,40 +318,25 @@ def validate_segmentation(cfg: Hparams) -> None:
     if s.head == "attn_fusion" and cfg.backbone.name == "pixels":
         raise ConfigError("--segmentation.head=attn_fusion fuses the backbone's attention, and "
                           "--backbone.name=pixels (raw pixel patches) has none; use linear, setr_naive or setr_pup")
-    if s.num_classes < 2:
-        raise ConfigError(f"--segmentation.num_classes must be >= 2, got {s.num_classes}")
-    _positive(s.hidden_dim, "--segmentation.hidden_dim")
-    _positive(s.backbone_lr, "--segmentation.backbone_lr")
-    _positive(s.log_per_class_every_n_epochs, "--segmentation.log_per_class_every_n_epochs")
-    if not 0 < s.crop_scale_min <= 1:
-        raise ConfigError(f"--segmentation.crop_scale_min must be in (0, 1], got {s.crop_scale_min}")
-    _probability(s.hflip_prob, "--segmentation.hflip_prob")
-    if s.aux_weight < 0 or s.focal_gamma < 0:
-        raise ConfigError("--segmentation.aux_weight and --segmentation.focal_gamma must be >= 0")
-    for flag, on in (("pretrained_head", s.pretrained_head), ("aux_loss", s.aux_loss)):
-        if on and s.head != DEEPLAB_HEAD:
-            raise ConfigError(f"--segmentation.{flag} applies to --segmentation.head={DEEPLAB_HEAD} only")
-    if s.pretrained_head and s.num_classes != 21:
-        raise ConfigError("--segmentation.pretrained_head: the COCO DeepLabV3 predicts VOC's 21 classes; "
-                          f"--segmentation.num_classes is {s.num_classes}")
-    if s.class_weighting != "none" and s.loss == "dice":
-        raise ConfigError("--segmentation.class_weighting applies to the ce and focal losses (Dice is balanced already)")
-    if s.head_weights and not Path(s.head_weights).is_file():
-        raise ConfigError(f"--segmentation.head_weights: file {s.head_weights!r} does not exist")
+    if s.pretrained_head and s.head != DEEPLAB_HEAD:
+        raise ConfigError(f"--segmentation.pretrained_head applies to --segmentation.head={DEEPLAB_HEAD} only")
+    if s.aux_loss and s.head not in AUX_HEADS:
+        raise ConfigError(f"--segmentation.aux_loss applies to --segmentation.head={', '.join(AUX_HEADS)} only "
+                          f"(their auxiliary heads), not {s.head}")
+    if s.aux_blocks.strip() and not (s.head == "setr_pup" and s.aux_loss):
+        raise ConfigError("--segmentation.aux_blocks places setr_pup's auxiliary heads: it needs "
+                          "--segmentation.head=setr_pup and --segmentation.aux_loss=true")
+    if s.classifier_dropout > 0 and s.head not in DROPOUT_HEADS:
+        raise ConfigError(f"--segmentation.classifier_dropout applies to --segmentation.head={', '.join(DROPOUT_HEADS)} "
+                          f"only, not {s.head}")
 
 
-def validate_callbacks(cfg: Hparams) -> None:
+def callback_components(cfg: Hparams) -> None:
     from callbacks.visual import parse_indices
     from models.backbones import is_vit
     from models.backbones.vit import resolve_architecture
 
     c = cfg.callbacks
-    _positive(c.every_n_epochs, "--callbacks.every_n_epochs")
-    _positive(c.num_images, "--callbacks.num_images")
-    if not 0 < c.attention_keep <= 1:
-        raise ConfigError(f"--callbacks.attention_keep must be in (0, 1], got {c.attention_keep}")
-    if c.cross_correlation_block < 0:
-        raise ConfigError(f"--callbacks.cross_correlation_block must be >= 0 (0 = off), got {c.cross_correlation_block}")
     try:
         blocks = parse_indices(c.attention_blocks, "--callbacks.attention_blocks")
     except ValueError as err:
@@ -263,11 +347,11 @@ def validate_callbacks(cfg: Hparams) -> None:
         if bad:
             raise ConfigError(f"--callbacks.attention_blocks: block(s) {bad} out of range for a {depth}-block ViT "
                               f"(valid: 0..{depth - 1}, or negative from the end)")
-    _positive(c.emergence_images, "--callbacks.emergence_images")
-    _positive(c.emergence_every_n_epochs, "--callbacks.emergence_every_n_epochs")
-    _positive(c.online_probe_every_n_epochs, "--callbacks.online_probe_every_n_epochs")
-    _positive(c.online_probe_lr, "--callbacks.online_probe_lr")
-    _positive(c.online_probe_batch_size, "--callbacks.online_probe_batch_size")
+    if c.emergence and cfg.task == "barlow_twins" and is_vit(cfg.backbone.name) and cfg.backbone.name != "pixels":
+        patch = resolve_architecture(cfg.backbone)["patch_size"]
+        if c.emergence_img_size % patch:
+            raise ConfigError(f"--callbacks.emergence_img_size={c.emergence_img_size} is not a multiple of the patch "
+                              f"size {patch}; e.g. {max(patch, c.emergence_img_size // patch * patch)}")
     # Asked for explicitly (it is off by default), so a backbone it cannot probe is an error, not a warning.
     if c.online_probe and cfg.task == "barlow_twins" and not is_vit(cfg.backbone.name):
         raise ConfigError(f"--callbacks.online_probe needs a ViT backbone (it trains a linear head on patch "
@@ -280,17 +364,33 @@ def validate_callbacks(cfg: Hparams) -> None:
             raise ConfigError(problem)
 
 
-def validate(cfg: Hparams) -> Hparams:
+def data_components(cfg: Hparams) -> None:
+    from datamodules import DATASETS
+
+    d = cfg.data
+    _registered(DATASETS, d.dataset, "--data.dataset")
+    problem = DATASETS.get(d.dataset).check(d)
+    if problem:
+        raise ConfigError(problem)
+
+
+def validate_components(cfg: Hparams) -> None:
+    """Pass 2: the checks that need the registries, timm's model definitions or torch's device queries."""
     from lightningmodules import TASKS
 
     _registered(TASKS, cfg.task, "--task")
-    validate_backbone(cfg)
-    validate_augment(cfg)
-    validate_training(cfg)
+    backbone_components(cfg)
+    augment_components(cfg)
+    training_components(cfg)
+    device_components(cfg)
     if cfg.task == "segmentation":
-        validate_segmentation(cfg)
-    validate_callbacks(cfg)
-    validate_data(cfg)  # last: the only check that looks at the file system
-    if not cfg.log.output_dir:
-        raise ConfigError("--log.output_dir must not be empty")
+        segmentation_components(cfg)
+    callback_components(cfg)
+    data_components(cfg)  # last: the only check that looks at the file system
+
+
+def validate(cfg: Hparams) -> Hparams:
+    """Both passes; returns ``cfg`` unchanged when it is valid."""
+    validate_values(cfg)
+    validate_components(cfg)
     return cfg

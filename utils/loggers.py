@@ -107,7 +107,7 @@ def build_wandb_logger(cfg: Hparams, run_dir: Path, mode: str) -> WandbLogger:
         run_id = "".join(secrets.choice(alphabet) for _ in range(8))  # wandb's own id format
         id_file.write_text(run_id + "\n")
     tags = [t.strip() for t in cfg.log.wandb_tags.split(",") if t.strip()]
-    return WandbLogger(
+    logger = WandbLogger(
         name=cfg.log.run_name,
         project=cfg.log.wandb_project,
         entity=cfg.log.wandb_entity or None,
@@ -118,3 +118,7 @@ def build_wandb_logger(cfg: Hparams, run_dir: Path, mode: str) -> WandbLogger:
         tags=tags or None,
         config=to_dict(cfg),
     )
+    # Lightning 2.6 always passes wandb.init(anonymous=None); wandb >= 0.22 warns on every run that the
+    # setting has no effect as soon as it is passed at all. Not passing it is what wandb asks for.
+    logger._wandb_init.pop("anonymous", None)
+    return logger
