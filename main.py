@@ -63,6 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         where = f" {err.filename}" if err.filename else ""
         print(f"error: cannot write{where}: {os.strerror(err.errno)}", file=sys.stderr)
         return 1
+    print(trainer.summary_line(run))
     print(f"run directory: {run.run_dir}")
     return 0
 

@@ -168,6 +168,19 @@ def evaluate(run: Run) -> dict:
     return metrics
 
 
+def summary_line(run: Run) -> str:
+    """One line at the end of a run: its best monitored value, where, and the checkpoint holding it
+    (segmentation: ``best val/mIoU 0.412 at epoch 7, checkpoint runs/x/checkpoints/best-e007-s96.ckpt``)."""
+    if run.cfg.trainer.eval_only:
+        return f"evaluated: metrics in {run.run_dir / 'eval_metrics.yaml'}"
+    best = next((c for c in run.trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
+    if best is None or best.best_model_score is None or not best.best_model_path:
+        return f"finished at step {run.trainer.global_step}, checkpoint {run.run_dir / CHECKPOINT_DIR / 'last.ckpt'}"
+    epoch = Path(best.best_model_path).stem.split("-")[1].lstrip("e") if "-e" in best.best_model_path else "?"
+    return (f"best {best.monitor} {float(best.best_model_score):.4f} at epoch {int(epoch) if epoch.isdigit() else epoch}, "
+            f"checkpoint {best.best_model_path}")
+
+
 class RunStopped(Exception):
     """Training was stopped by SIGTERM/SIGINT after writing a checkpoint of the current step."""
 

@@ -21,7 +21,8 @@ def visualisation_callbacks(cfg: Hparams) -> list[pl.Callback]:
     if c.erf:
         from callbacks.receptive_field import ReceptiveFieldCallback
 
-        out.append(ReceptiveFieldCallback(layers=c.erf_layers, log_scale=c.erf_log_scale, **common))
+        out.append(ReceptiveFieldCallback(layers=c.erf_layers, log_scale=c.erf_log_scale, every_n_epochs=c.every_n_epochs,
+                                          num_images=c.erf_images))
     if cfg.task == "barlow_twins":
         if c.cross_correlation:
             from callbacks.cross_correlation import CrossCorrelationCallback

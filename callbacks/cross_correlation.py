@@ -3,23 +3,33 @@
 Heatmaps of the latest training matrix and the epoch-averaged validation matrix on a fixed colour scale
 (≈0 cyan-blue, 1 red, as in the report) with a colour bar, also once before training starts (a
 DINO-initialised backbone shows its near-identity start); for wide projectors the top-left k×k block at
-full resolution beside the whole matrix. Scalars at every log step: mean diagonal, mean |off-diagonal|
+full resolution beside the whole matrix. Every matrix cell gets a whole number of pixels (k × k, panels of
+about PANEL_PX pixels), so the picture never aliases (a 512×512 matrix drawn into fewer pixels shows moiré
+and a broken diagonal); a matrix wider than MAX_CELLS is shown as means of f × f blocks, each diagonal cell
+the mean of the diagonal entries it holds, which its title says. Scalars at every log step: mean diagonal, mean |off-diagonal|
 and the fraction of diagonal entries above 0.9. With the dense term on, its matrices and scalars
 (``cc_dense/*``) too.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from callbacks.visual import eval_mode, save_figure, subplots, wait_for_pictures
+from callbacks.visual import eval_mode, save_figure, wait_for_pictures
 from models.losses import barlow_twins_loss
 
 # Fixed scale: 0 sits at the cyan-blue third of "jet", 1 at its red end; negative values stay blue.
 VMIN, VMAX, CMAP = -0.5, 1.0, "jet"
+MAX_CELLS = 512
+"""Widest matrix drawn cell by cell (one pixel or more each); wider ones are pooled to at most this many cells."""
+PANEL_PX = 384
+"""Target side of a matrix panel in pixels: small matrices get k × k pixels per cell, k = PANEL_PX // side."""
+DPI = 100  # the resolution callbacks.visual.save_figure writes at: the layout below is in its pixels
 
 
 def convergence_scalars(c: Tensor) -> dict[str, Tensor]:
@@ -30,28 +40,72 @@ def convergence_scalars(c: Tensor) -> dict[str, Tensor]:
     return {"diag_mean": diag.mean(), "offdiag_abs_mean": off.abs().mean(), "diag_above_0.9": (diag > 0.9).float().mean()}
 
 
+def pool_for_display(c: Tensor, max_cells: int = MAX_CELLS) -> tuple[Tensor, int]:
+    """(matrix to draw, block size f). ``c`` itself (f = 1) when its side d ≤ ``max_cells``; otherwise the means
+    of f × f blocks, f = ceil(d / max_cells) (the last, ragged block averages the entries it has), except each
+    diagonal cell, which is the mean of the *diagonal* entries of its block — a plain block mean would dilute
+    the diagonal by f."""
+    c = c.detach().float().cpu()
+    d = c.shape[0]
+    if d <= max_cells:
+        return c, 1
+    f = math.ceil(d / max_cells)
+    n = math.ceil(d / f)
+    pad = n * f - d
+    sums = F.pad(c, (0, pad, 0, pad)).view(n, f, n, f).sum(dim=(1, 3))
+    counts = F.pad(torch.ones(d), (0, pad)).view(n, f).sum(dim=1)
+    pooled = sums / torch.outer(counts, counts)
+    idx = torch.arange(n)
+    pooled[idx, idx] = F.pad(torch.diagonal(c), (0, pad)).view(n, f).sum(dim=1) / counts
+    return pooled, f
+
+
+def _pixels(shown: Tensor) -> int:
+    """Pixels per drawn cell (each way): a whole number, about PANEL_PX per panel."""
+    return max(1, PANEL_PX // shown.shape[0])
+
+
 def plot_cross_correlation(matrices: dict[str, Tensor], title: str, block: int = 0):
-    """One column per matrix (e.g. train, val); a second row with the top-left block when asked."""
+    """One column per matrix (e.g. train, val); a second row with the top-left block when asked. Laid out in
+    pixels (at DPI) so that each drawn cell covers exactly k × k pixels: no resampling, no aliasing."""
+    from matplotlib.figure import Figure
 
     names = list(matrices)
     dims = [m.shape[0] for m in matrices.values()]
     show_block = block > 0 and any(d > block for d in dims)
-    rows = 2 if show_block else 1
-    fig, axes = subplots(rows, len(names), figsize=(4.6 * len(names), 4.2 * rows), squeeze=False)
-    image = None
-    for j, name in enumerate(names):
-        c = matrices[name].detach().float().cpu().numpy()
-        image = axes[0, j].imshow(c, cmap=CMAP, vmin=VMIN, vmax=VMAX, interpolation="nearest")
-        axes[0, j].set_title(f"{name}: {c.shape[0]}×{c.shape[0]}")
+    panels: list[list[tuple[Tensor, str]]] = [[], []]
+    for name, c in matrices.items():
+        d = c.shape[0]
+        shown, f = pool_for_display(c)
+        label = f"{name}: {d}×{d}"
+        if f > 1:
+            label += f"\nshown as {shown.shape[0]}×{shown.shape[0]} means of {f}×{f} blocks (diagonal: its entries)"
+        panels[0].append((shown, label))
         if show_block:
-            k = min(block, c.shape[0])
-            axes[1, j].imshow(c[:k, :k], cmap=CMAP, vmin=VMIN, vmax=VMAX, interpolation="nearest")
-            axes[1, j].set_title(f"{name}: top-left {k}×{k}")
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(title)
-    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="cross-correlation")
+            k = min(block, d)
+            panels[1].append((c.detach().float().cpu()[:k, :k], f"{name}: top-left {k}×{k}"))
+    rows = [row for row in panels if row]
+    rows = [[(m, f"{label}, {_pixels(m)} px per cell") for m, label in row] for row in rows]
+    sides = [[_pixels(m) * m.shape[0] for m, _ in row] for row in rows]
+    cell = max(max(row) for row in sides)
+    left, gap, title_h, top, bottom, bar_gap, bar_w, bar_label = 10, 30, 44, 60, 10, 24, 18, 70
+    width = left + len(names) * cell + (len(names) - 1) * gap + bar_gap + bar_w + bar_label
+    height = top + len(rows) * (title_h + cell) + bottom
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    image = None
+    for i, row in enumerate(rows):
+        y = height - top - (i + 1) * (title_h + cell)  # bottom edge of this row's panel area
+        for j, ((shown, label), side) in enumerate(zip(row, sides[i])):
+            x = left + j * (cell + gap) + (cell - side) // 2
+            ax = fig.add_axes((x / width, (y + cell - side) / height, side / width, side / height))
+            image = ax.imshow(shown.numpy(), cmap=CMAP, vmin=VMIN, vmax=VMAX, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(label, fontsize=9)
+    bar = fig.add_axes(((width - bar_label - bar_w) / width, (bottom + 0.1 * (height - top - bottom)) / height,
+                        bar_w / width, 0.8 * (height - top - bottom) / height))
+    fig.colorbar(image, cax=bar, label="cross-correlation")
+    fig.suptitle(title, y=1 - 18 / height, fontsize=10)
     return fig
 
 

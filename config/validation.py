@@ -180,8 +180,9 @@ def training_values(cfg: Hparams) -> None:
     _positive(t.tune_batch_size_trials, "--trainer.tune_batch_size_trials")
     if not 0 < t.tune_lr_min < t.tune_lr_max:
         raise ConfigError(f"--trainer.tune_lr_min/max must satisfy 0 < min < max, got {t.tune_lr_min} and {t.tune_lr_max}")
-    if t.tune_lr_steps < 13:
-        raise ConfigError(f"--trainer.tune_lr_steps must be >= 13 (the LR finder needs 13 finite losses), got {t.tune_lr_steps}")
+    if t.tune_lr_steps < 20:
+        raise ConfigError(f"--trainer.tune_lr_steps must be >= 20 (fewer losses cannot tell a trend from batch noise; "
+                          f"the suggestion would be refused), got {t.tune_lr_steps}")
     if t.resume and t.resume != "auto" and not Path(t.resume).exists():
         raise ConfigError(f"--trainer.resume: checkpoint {t.resume!r} does not exist (give a .ckpt file, a run directory, or 'auto')")
 
@@ -213,6 +214,7 @@ def callback_values(cfg: Hparams) -> None:
     c = cfg.callbacks
     _positive(c.every_n_epochs, "--callbacks.every_n_epochs")
     _positive(c.num_images, "--callbacks.num_images")
+    _positive(c.erf_images, "--callbacks.erf_images")
     if not 0 < c.attention_keep <= 1:
         raise ConfigError(f"--callbacks.attention_keep must be in (0, 1], got {c.attention_keep}")
     if c.cross_correlation_block < 0:

@@ -20,7 +20,7 @@ from datamodules.voc import VOC_CLASSES
 from lightningmodules.registry import TASKS, Task
 from models.losses import median_frequency_weights, segmentation_loss
 from models.segmenters import build_segmenter
-from utils.optim import optimizer_from_groups, parameter_groups, rescale_checkpoint_lrs
+from utils.optim import effective_lr, optimizer_from_groups, parameter_groups, rescale_checkpoint_lrs
 from utils.schedule import with_schedule
 from utils.segmentation_metrics import scores_from_confusion
 
@@ -45,7 +45,7 @@ class SegmentationModule(pl.LightningModule):
         seg = self.cfg.segmentation
         self.model = build_segmenter(self.cfg)
         self.criterion = segmentation_loss(seg.loss, seg.num_classes, IGNORE_INDEX, seg.focal_gamma)
-        self.lr = self.cfg.optim.lr  # head learning rate, read by configure_optimizers (LR finder)
+        self.lr = effective_lr(self.cfg)  # head rate, optim.lr_scaling applied; read by configure_optimizers
         self.train_confusion = MulticlassConfusionMatrix(seg.num_classes, ignore_index=IGNORE_INDEX)
         self.val_confusion = MulticlassConfusionMatrix(seg.num_classes, ignore_index=IGNORE_INDEX)
         self.register_buffer("first_nonfinite_step", torch.tensor(-1, dtype=torch.long), persistent=False)
@@ -53,17 +53,21 @@ class SegmentationModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         seg = self.cfg.segmentation
-        if seg.class_weighting == "median_frequency" and stage == "fit":
+        # Validation computes the loss too: eval-only (stage "validate") must weight it exactly as training's
+        # validation did, else it reports the unweighted loss for the same checkpoint (same mIoU, other loss).
+        if seg.class_weighting == "median_frequency" and stage in ("fit", "validate"):
             weights = median_frequency_weights(self.trainer.datamodule.class_pixel_counts())
             self.criterion = segmentation_loss(seg.loss, seg.num_classes, IGNORE_INDEX, seg.focal_gamma, weights)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)["out"]
 
-    def loss(self, out: dict[str, Tensor], target: Tensor) -> Tensor:
+    def loss(self, out: dict, target: Tensor) -> Tensor:
+        """The main loss plus aux_weight × each auxiliary head's (DeepLabV3's one tensor, SETR's list)."""
         loss = self.criterion(out["out"], target)
-        if "aux" in out:
-            loss = loss + self.cfg.segmentation.aux_weight * self.criterion(out["aux"], target)
+        aux = out.get("aux")
+        for logits in [aux] if isinstance(aux, Tensor) else (aux or []):
+            loss = loss + self.cfg.segmentation.aux_weight * self.criterion(logits, target)
         return loss
 
     # ------------------------------------------------------------------------------------ training
@@ -115,6 +119,7 @@ class SegmentationModule(pl.LightningModule):
         names = class_names(self.cfg.segmentation.num_classes)
         values = [float(v) for v in iou.cpu()]
         path = Path(self.trainer.default_root_dir) / PER_CLASS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)  # a Trainer's default_root_dir need not exist yet
         new = not path.exists()
         with path.open("a", newline="") as f:
             writer = csv.writer(f)

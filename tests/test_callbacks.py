@@ -1,6 +1,7 @@
 """Cross-correlation, view-pair and prediction pictures; the scalars; the epoch timer."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -36,6 +37,45 @@ def test_cross_correlation_plot_uses_the_fixed_scale_and_the_block():
     assert red[0] > 0.4 and red[2] < 0.1 and blue[2] > 0.9 and blue[0] < 0.1
     no_block = plot_cross_correlation({"train": torch.eye(32)}, "t", block=64)
     assert len([im for ax in no_block.axes for im in ax.get_images()]) == 1
+
+
+def test_every_drawn_cell_covers_whole_pixels():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from callbacks.cross_correlation import DPI
+
+    # 512×512 in 512 pixels, the 64×64 block 6×6 pixels per cell, a 100×100 matrix 3×3 per cell: no resampling
+    fig = plot_cross_correlation({"train": torch.eye(512), "val": torch.eye(100)}, "t", block=64)
+    assert fig.dpi == DPI
+    for ax, (cells, per_cell) in zip(fig.axes, [(512, 1), (100, 3), (64, 6), (64, 6)]):
+        box = ax.get_window_extent()
+        assert ax.get_images()[0].get_array().shape == (cells, cells)
+        assert (round(box.width, 6), round(box.height, 6)) == (cells * per_cell,) * 2
+    assert [ax.get_title() for ax in fig.axes[:3]] == ["train: 512×512, 1 px per cell", "val: 100×100, 3 px per cell",
+                                                       "train: top-left 64×64, 6 px per cell"]
+
+
+def test_wide_matrices_are_pooled_keeping_the_diagonal():
+    from callbacks.cross_correlation import MAX_CELLS, pool_for_display
+
+    torch.manual_seed(0)
+    d = 1030  # f = ceil(1030 / 512) = 3, 344 cells, the last block holds 1030 - 343·3 = 1 row and column
+    c = torch.randn(d, d)
+    pooled, f = pool_for_display(c)
+    assert f == 3 and pooled.shape == (344, 344) and MAX_CELLS == 512
+    for i, j in [(0, 1), (5, 200), (343, 0), (343, 343), (17, 17), (0, 0)]:
+        rows, cols = range(3 * i, min(3 * i + 3, d)), range(3 * j, min(3 * j + 3, d))
+        if i == j:  # the mean of the diagonal entries of the block
+            expected = sum(c[k, k].item() for k in rows) / len(rows)
+        else:
+            expected = sum(c[r, q].item() for r in rows for q in cols) / (len(rows) * len(cols))
+        assert pooled[i, j].item() == pytest.approx(expected, abs=1e-5), (i, j)
+    assert torch.equal(pool_for_display(c[:512, :512])[0], c[:512, :512])  # up to 512: drawn as it is
+    fig = plot_cross_correlation({"val": torch.eye(2048)}, "t", block=0)
+    assert fig.axes[0].get_images()[0].get_array().shape == (512, 512)
+    assert "shown as 512×512 means of 4×4 blocks" in fig.axes[0].get_title()
+    assert (np.diag(fig.axes[0].get_images()[0].get_array()) == 1).all()  # the identity's diagonal stays 1
 
 
 def png(path) -> tuple[int, int]:

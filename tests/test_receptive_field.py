@@ -11,7 +11,9 @@ from torch import nn
 
 import main
 from config.hparams import Hparams
-from utils.receptive_field import check_erf_layers, effective_receptive_field, erf_model, resolve_layers
+from utils.receptive_field import (
+    centre_patch_box, check_erf_layers, effective_receptive_field, erf_model, resolve_layers,
+)
 
 SIZE = 17  # odd: the centre unit sits at pixel (8, 8)
 C = SIZE // 2
@@ -87,6 +89,25 @@ def test_vit_block0_is_global_and_identity_blocks_see_only_the_centre_patch():
     assert support(effective_receptive_field(vit, images, "blocks.1")) == (slice(16, 24), slice(16, 24))
     wide = effective_receptive_field(vit, torch.randn(2, 3, 32, 48), vit.blocks[1])
     assert wide.shape == (32, 48) and support(wide) == (slice(16, 24), slice(24, 32))
+
+
+def test_chunks_give_the_same_map():
+    torch.manual_seed(0)
+    vit = tiny_vit()
+    images = torch.randn(7, 3, 32, 32)
+    whole = effective_receptive_field(vit, images, vit.blocks[1])
+    # by hand: the per-image gradient magnitudes, averaged over images and channels, peak-normalised
+    grads = []
+    for image in images:
+        x = image[None].clone().requires_grad_(True)
+        tokens = vit.blocks[1](vit.blocks[0](vit._pos_embed(vit.patch_embed(x))))
+        (grad,) = torch.autograd.grad(tokens[:, 1 + 2 * 4 + 2].sum(), x)  # centre patch (2, 2) of the 4×4 grid
+        grads.append(grad.abs().mean(dim=(0, 1)))
+    by_hand = torch.stack(grads).mean(0)
+    assert torch.allclose(whole, by_hand / by_hand.max(), atol=1e-5)
+    with torch.inference_mode():
+        chunked = effective_receptive_field(vit, images, vit.blocks[1], chunk_size=3)  # 3 + 3 + 1
+    assert torch.allclose(chunked, whole, atol=1e-6)
 
 
 def test_parameter_grads_stay_clean_and_inference_mode_is_left():
@@ -223,3 +244,56 @@ def test_log_scale_plot(tmp_path):
     fig.savefig(tmp_path / "erf.png")
     plt.close(fig)
     assert_png(tmp_path / "erf.png")
+
+
+def test_centre_patch_box():
+    vit = tiny_vit()  # patch 8: a 4×4 grid at 32 px, the centre token is patch (2, 2)
+    assert centre_patch_box(vit, (32, 32)) == (16, 24, 16, 24)
+    assert centre_patch_box(vit, (32, 48)) == (16, 24, 24, 32)  # 4×6 grid: patch (2, 3)
+    assert centre_patch_box(nn.Sequential(positive_conv(3)), (32, 32)) is None  # a CNN has no patches
+
+
+def test_vit_panels_show_patch_means_on_the_scale_of_the_other_patches():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from callbacks.receptive_field import plot_receptive_fields
+
+    # Two 64×64 "ViT" maps, patch 8, centre patch (4, 4) = pixels 32..39 at 1000× the rest (peak 1):
+    # "local" falls off with the distance to the centre patch, "flat" is the same everywhere outside it.
+    torch.manual_seed(0)
+    texture = torch.rand(8, 8) + 0.5  # a pixel pattern repeated in every patch, like a patch embedding's
+    distance = torch.tensor([[max(abs(i - 4), abs(j - 4)) for j in range(8)] for i in range(8)], dtype=torch.float)
+    maps = {}
+    for name, level in {"local": 1.0 / (1 + distance), "flat": torch.ones(8, 8)}.items():
+        erf = torch.kron(level, texture) * 1e-3
+        erf[32:40, 32:40] = texture * (1.0 / texture.max())
+        maps[name] = erf
+    box = (32, 40, 32, 40)
+    fig = plot_receptive_fields(maps, "t", boxes={name: box for name in maps})
+    for ax, (name, erf) in zip(fig.axes, maps.items()):
+        shown = torch.as_tensor(ax.get_images()[0].get_array())
+        means = torch.tensor([[erf[8 * i:8 * i + 8, 8 * j:8 * j + 8].mean().item() for j in range(8)] for i in range(8)])
+        outside = [means[i, j].item() for i in range(8) for j in range(8) if (i, j) != (4, 4)]
+        expected = means / max(outside)
+        for i, j in [(0, 0), (3, 4), (7, 2), (5, 5), (4, 4)]:  # every pixel of a patch shows its patch's mean
+            assert torch.allclose(shown[8 * i:8 * i + 8, 8 * j:8 * j + 8], torch.full((8, 8), expected[i, j].item()))
+        assert shown[32:40, 32:40].min() > 1  # the centre patch saturates
+        share = erf[32:40, 32:40].sum() / erf.sum()
+        assert ax.get_title() == f"{name}: {share:.0%} in its own patch"
+    local, flat = (torch.as_tensor(ax.get_images()[0].get_array()) for ax in fig.axes[:2])
+    # the difference between the layers is visible: the local map spans the colour scale, the flat one is uniform
+    assert local[0, 0] == pytest.approx(0.4, abs=1e-5) and local[24, 24] == pytest.approx(1.0)  # (1/5) / (1/2)
+    assert torch.allclose(flat[0:32], torch.ones(32, 64))
+    # which a peak-normalised picture hides: outside the centre patch everything is below 1 % of the peak
+    assert max(float(m[:32].max()) for m in maps.values()) < 0.01
+
+
+def test_erf_callback_uses_its_own_image_count():
+    from callbacks import visualisation_callbacks
+    from callbacks.receptive_field import ReceptiveFieldCallback
+
+    cfg = Hparams()
+    cfg.callbacks.erf, cfg.callbacks.erf_images, cfg.callbacks.num_images = True, 48, 4
+    erf = next(c for c in visualisation_callbacks(cfg) if isinstance(c, ReceptiveFieldCallback))
+    assert erf.num_images == 48 and Hparams().callbacks.erf_images == 64

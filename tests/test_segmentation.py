@@ -133,9 +133,9 @@ def test_masks_outside_the_label_range_name_the_file(tmp_path):
     (["--backbone.name=vit", "--segmentation.head=deeplabv3"], "deeplabv3 needs --backbone.name=resnet50"),
     (["--segmentation.head=attn_fusion", "--backbone.name=pixels", "--backbone.depth=0", "--backbone.embed_dim=0",
       "--backbone.num_heads=0"], "attn_fusion fuses the backbone's attention"),
-    (["--segmentation.head=setr_fancy"], "unknown head 'setr_fancy'; valid: attn_fusion, linear, setr_mla, setr_naive, setr_pup, deeplabv3"),
+    (["--segmentation.head=setr_fancy"], "unknown head 'setr_fancy'; valid: attn_fusion, linear, setr_mla, setr_naive, setr_pup, setr_pytorch_naive, setr_pytorch_pup, deeplabv3"),
     (["--backbone.name=vit", "--backbone.depth=4", "--segmentation.head=setr_mla", "--segmentation.mla_blocks=1,9"], "mla_blocks"),
-    (["--segmentation.head=setr_naive", "--segmentation.aux_loss=true"], "applies to --segmentation.head=deeplabv3 only"),
+    (["--segmentation.head=setr_naive", "--segmentation.aux_loss=true"], "applies to --segmentation.head=deeplabv3, setr_pup, setr_mla only"),
     (["--segmentation.head_weights=/no/head.ckpt"], "--segmentation.head_weights: file '/no/head.ckpt' does not exist"),
 ])
 def test_segmentation_config_errors(flags, message):
@@ -249,6 +249,22 @@ def test_eval_only_reproduces_the_best_checkpoints_score(tiny, tmp_path, data64)
     assert main.main(args) == 0
     result = yaml.safe_load((tmp_path / "runs" / "eval" / "eval_metrics.yaml").read_text())
     assert result["val/mIoU"] == pytest.approx(logged[epoch], abs=1e-6)
+
+
+def test_eval_only_reports_the_validation_loss_training_logged(tiny, tmp_path):
+    # Class-weighted loss: the weights come from the training masks and must be the same in eval-only mode
+    # (they were once built for fit only, and eval-only reported the unweighted loss: 3.31 against 3.06).
+    weighted = {**SEG, "segmentation__class_weighting": "median_frequency", "trainer__max_epochs": 1}
+    assert main.main(tiny("train", **weighted)) == 0
+    last = tmp_path / "runs" / "train" / "checkpoints" / "last.ckpt"
+    logged = {int(r["epoch"]): r for r in metrics(tmp_path / "runs" / "train") if r.get("val/loss")}
+    assert list(logged) == [0]
+    args = tiny("eval", **weighted, trainer__eval_only="true", backbone__weights=str(last),
+                segmentation__head_weights=str(last))
+    assert main.main(args) == 0
+    result = yaml.safe_load((tmp_path / "runs" / "eval" / "eval_metrics.yaml").read_text())
+    for name in ("val/loss", "val/mIoU", "val/f1", "val/pixel_acc"):
+        assert result[name] == pytest.approx(float(logged[0][name]), abs=1e-5), name
 
 
 def test_full_resolution_evaluation_handles_mixed_image_sizes(tiny, tmp_path, data64):

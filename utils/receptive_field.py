@@ -6,7 +6,8 @@ channels — with respect to the input pixels: ``|∂ y_centre / ∂ x|``, avera
 channels. It shows which input pixels actually influence the unit (for a CNN: a Gaussian-like blob much
 smaller than the theoretical receptive field; for a ViT: global from the first block on).
 
-* :func:`effective_receptive_field` computes the map for any model and any layer inside it.
+* :func:`effective_receptive_field` computes the map for any model and any layer inside it;
+  :func:`centre_patch_box` locates a ViT's centre patch in it.
 * :func:`resolve_layers` turns a ``--callbacks.erf_layers`` spec into layers of our backbones (ViT block
   indices, ResNet stage names); :func:`erf_model` gives the module to differentiate.
 * :func:`check_erf_layers` validates the spec from the config alone (no weights built).
@@ -83,7 +84,7 @@ def _centre_unit(model: nn.Module, layer: nn.Module, out: Tensor, input_hw: tupl
 
 def effective_receptive_field(model: nn.Module, images: Tensor, layer: Union[nn.Module, str], *,
                               prefix_tokens: Optional[int] = None,
-                              grid: Optional[tuple[int, int]] = None) -> Tensor:
+                              grid: Optional[tuple[int, int]] = None, chunk_size: int = 0) -> Tensor:
     """The effective receptive field of the centre unit of ``layer``: a (H, W) float32 map, peak = 1.
 
     ``model(images)`` is run on a fresh copy of ``images`` (B, C, H, W) that requires grad; a forward hook
@@ -99,10 +100,25 @@ def effective_receptive_field(model: nn.Module, images: Tensor, layer: Union[nn.
     on running statistics), as :class:`~callbacks.receptive_field.ReceptiveFieldCallback` does.
 
     Parameter ``.grad`` is never touched, ``torch.inference_mode`` is left for the computation, no graph
-    is kept. The map is returned on the images' device.
+    is kept. The map is returned on the images' device. ``chunk_size`` > 0 runs the images that many at a
+    time (same map, bounded memory).
     """
     if isinstance(layer, str):
         layer = model.get_submodule(layer)
+    if 0 < chunk_size < images.shape[0]:
+        total = torch.zeros(images.shape[-2:], device=images.device)
+        for chunk in images.split(chunk_size):
+            total += _gradient_magnitude(model, chunk, layer, prefix_tokens, grid).sum(dim=(0, 1))
+        erf = total / (images.shape[0] * images.shape[1])
+    else:
+        erf = _gradient_magnitude(model, images, layer, prefix_tokens, grid).mean(dim=(0, 1))
+    peak = erf.max()
+    return erf / peak if peak > 0 else erf
+
+
+def _gradient_magnitude(model: nn.Module, images: Tensor, layer: nn.Module, prefix_tokens: Optional[int],
+                        grid: Optional[tuple[int, int]]) -> Tensor:
+    """|∂ centre unit / ∂ images|, (B, C, H, W) float32 (zeros when the unit does not depend on the images)."""
     captured: list[Tensor] = []
 
     def hook(module, args, output):
@@ -131,10 +147,26 @@ def effective_receptive_field(model: nn.Module, images: Tensor, layer: Union[nn.
         handle.remove()
         captured.clear()
     if grad is None:
-        return torch.zeros(images.shape[-2:], device=images.device)
-    erf = grad.detach().float().abs().mean(dim=(0, 1))
-    peak = erf.max()
-    return erf / peak if peak > 0 else erf
+        return torch.zeros(images.shape, device=images.device)
+    return grad.detach().float().abs()
+
+
+def centre_patch_box(model: nn.Module, input_hw: tuple[int, int]) -> Optional[tuple[int, int, int, int]]:
+    """(top, bottom, left, right) pixel bounds (exclusive ends) of the patch under a ViT's centre token — the
+    token :func:`effective_receptive_field` differentiates — for an input of ``input_hw``; None for a model
+    without a patch embedding (a CNN). Through the residual path every ViT block's centre token depends most
+    on this patch, so its pixels dwarf the rest of the map."""
+    patch_embed = getattr(model, "patch_embed", None)
+    size = getattr(patch_embed, "patch_size", None)
+    if size is None:
+        return None
+    ph, pw = (size, size) if isinstance(size, int) else size
+    if getattr(model, "dynamic_img_size", False) and hasattr(patch_embed, "dynamic_feat_size"):
+        h, w = patch_embed.dynamic_feat_size(input_hw)
+    else:
+        h, w = input_hw[0] // ph, input_hw[1] // pw
+    top, left = (h // 2) * ph, (w // 2) * pw
+    return top, top + ph, left, left + pw
 
 
 # -- our backbones ---------------------------------------------------------------------------------------

@@ -1,24 +1,43 @@
-"""One table and one plot for a folder of runs (e.g. a sweep): a metric against the swept parameters.
+"""Tables and plots for a folder of runs (e.g. a sweep): a metric against the swept parameters, like with like.
 
     python -m utils.summarize runs/ [--metric val/loss] [--goal min] [--params backbone.depth,barlow.proj_dim]
-                                    [--out DIR] [--plot final|best]
+                                    [--out DIR] [--plot final|best] [--include-unfinished]
 
 Every run directory under the folder (one holding ``config.yaml`` and ``metrics.csv``, see
 utils/run_dir.py; nested folders are searched, a run directory's own subfolders are not) gives one row:
 the run, its swept parameters, the metric's final value (the last non-empty cell of its metrics.csv
-column), its best value (min or max per ``--goal``) and the step it was reached at, and the number of
-steps and epochs logged. The swept parameters are by default the config fields whose values differ
-between the runs (bookkeeping fields such as ``log.run_name`` excluded), in config order.
+column), its best value (min or max per ``--goal``) and the step it was reached at, and how far it
+trained (epochs completed and optimizer steps, from its ``checkpoints/last.ckpt``).
+
+Only like is compared with like:
+
+- **One table per task** (``barlow_twins``, ``segmentation``; evaluation-only runs form their own group):
+  a pretraining loss and a segmentation loss are never in one table, mean or plot.
+- **Only finished runs** by default. A training run is *finished* when its ``checkpoints/last.ckpt``
+  (written at every epoch end) says the fit loop completed ``trainer.max_epochs`` epochs of its
+  ``config.yaml`` (the checkpoint's ``loops.fit_loop.epoch_progress.total.processed``; its ``epoch`` field
+  when that is absent) or reached ``trainer.max_steps`` optimizer steps (``global_step``), whichever the
+  config sets; an evaluation-only run when it wrote ``eval_metrics.yaml``. A run without a readable
+  ``last.ckpt`` (killed before its first epoch ended, or cut short while writing) is unfinished. Unfinished
+  runs are listed by name and progress below the tables; ``--include-unfinished`` puts them into the tables,
+  means and plots too, marked with how far they got.
+- **Training length is never averaged over**: the swept parameters are by default the config fields whose
+  values differ between the runs of a task (bookkeeping fields such as ``log.run_name`` excluded), in
+  config order, which includes ``trainer.max_epochs``/``max_steps`` when they differ; when ``--params``
+  names others, those two are added whenever they differ.
 
 Writes, into ``--out`` (default: the runs folder):
 
-- ``summary.md``: the table, the best run, and for two parameters a grid (first parameter × second);
-- ``summary.csv``: the same rows, values at full precision;
-- ``summary.png``: the metric against the parameters — a line per value of the second parameter when
-  there are two (and a heatmap of the grid beside it), a line (numeric values) or bars otherwise.
+- ``summary.md``: per task the table, the best run, and for two parameters a grid (first parameter ×
+  second, the mean when several runs share a cell, with their count); then the runs left out;
+- ``summary.csv``: every row of every task (columns ``task`` and ``status`` say which), full precision;
+- ``summary.png`` (one task) or ``summary_<task>.png`` (one per task): the metric against the parameters
+  — a line per value of the second parameter when there are two (and a heatmap of the grid beside it), a
+  line (numeric values) or bars otherwise.
 
-Errors (exit status 2): no run directories, a metric that no run logged (the logged ones are listed), a
-``--params`` name that is not a config field (the closest ones are suggested).
+Errors (exit status 2): no run directories, no finished run (without ``--include-unfinished``), a metric
+that no run logged (the logged ones are listed), a ``--params`` name that is not a config field (the
+closest ones are suggested).
 """
 from __future__ import annotations
 
@@ -36,14 +55,57 @@ import yaml
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
+LAST_CHECKPOINT = "checkpoints/last.ckpt"
+EVAL_METRICS_FILE = "eval_metrics.yaml"
 BOOKKEEPING = ("log.", "trainer.resume", "trainer.progress_bar", "trainer.progress_refresh_rate")
 """Config fields (or groups, ending in '.') that differ between runs without changing what is learned: names,
 folders, wandb settings, progress bars. ``--params`` can still name them."""
+LENGTH_FIELDS = ("trainer.max_epochs", "trainer.max_steps")
+"""Training length: runs that differ in it are never averaged together (added to --params when they differ)."""
 INDEX_COLUMNS = ("step", "epoch")
 
 
 class SummaryError(ValueError):
     """Nothing to summarise, or a metric / parameter name that does not exist; the message says which."""
+
+
+@dataclass
+class Progress:
+    """How far a run got: from ``checkpoints/last.ckpt`` (training) or ``eval_metrics.yaml`` (evaluation only)."""
+
+    finished: bool
+    status: str
+    """'finished', 'evaluated', or why not, e.g. 'stopped after epoch 3 of 15', 'no checkpoints/last.ckpt'."""
+    epochs: Optional[int] = None
+    """Epochs the fit loop completed (None: unknown, e.g. no checkpoint or an evaluation-only run)."""
+    steps: Optional[int] = None
+    """Optimizer steps taken (the checkpoint's global_step)."""
+
+
+def run_progress(path: Path, config: dict[str, Any]) -> Progress:
+    """Whether the run in ``path`` (flattened ``config``) finished, and how far it got; see the module docstring."""
+    if config.get("trainer.eval_only"):
+        done = (path / EVAL_METRICS_FILE).is_file()
+        return Progress(done, "evaluated" if done else f"evaluation did not finish (no {EVAL_METRICS_FILE})")
+    checkpoint = path / LAST_CHECKPOINT
+    if not checkpoint.is_file():
+        return Progress(False, f"no {LAST_CHECKPOINT}")
+    import torch
+
+    try:  # mmap: only the few bookkeeping entries are read, not the weights
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 — a checkpoint cut short by a crash
+        return Progress(False, f"{LAST_CHECKPOINT} is unreadable (cut short?)")
+    steps = int(state.get("global_step", 0))
+    total = state.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("total", {})
+    epochs = int(total.get("processed", state.get("epoch", 0)))
+    max_epochs, max_steps = int(config.get("trainer.max_epochs") or -1), int(config.get("trainer.max_steps") or -1)
+    if (max_steps > 0 and steps >= max_steps) or (max_epochs > 0 and epochs >= max_epochs):
+        return Progress(True, "finished", epochs, steps)
+    targets = [f"epoch {epochs} of {max_epochs}"] if max_epochs > 0 else []
+    targets += [f"step {steps} of {max_steps}"] if max_steps > 0 else []
+    return Progress(False, "stopped at " + (" / ".join(targets) or f"step {steps} (no max_epochs/max_steps)"),
+                    epochs, steps)
 
 
 @dataclass
@@ -55,6 +117,19 @@ class RunRecord:
     """The run's config.yaml flattened to dotted names (fields it lacks: their defaults)."""
     columns: list[str]
     rows: list[dict[str, str]]
+    _progress: Optional[Progress] = field(default=None, repr=False)
+
+    @property
+    def task(self) -> str:
+        """The group the run is compared within: its task, evaluation-only runs apart."""
+        task = str(self.config.get("task"))
+        return f"{task} (eval-only)" if self.config.get("trainer.eval_only") else task
+
+    @property
+    def progress(self) -> Progress:
+        if self._progress is None:
+            self._progress = run_progress(self.path, self.config)
+        return self._progress
 
     def series(self, metric: str) -> list[tuple[Optional[int], float]]:
         """(step, value) of every row where ``metric`` has a value, in file order."""
@@ -83,9 +158,16 @@ class Row:
     steps: Optional[int]
     epochs: Optional[int]
 
+    @property
+    def finished(self) -> bool:
+        return self.run.progress.finished
+
 
 @dataclass
 class Summary:
+    """The rows of one task (a group of comparable runs)."""
+
+    task: str
     metric: str
     goal: str
     params: list[str]
@@ -100,6 +182,29 @@ class Summary:
         if not scored:
             return None
         return (min if self.goal == "min" else max)(scored, key=lambda r: r.final)
+
+
+@dataclass
+class Report:
+    """Everything ``summarize`` found: one :class:`Summary` per task, and the runs it left out."""
+
+    metric: str
+    goal: str
+    root: Path
+    groups: list[Summary]
+    include_unfinished: bool
+    left_out: list[RunRecord] = field(default_factory=list)
+    """Unfinished runs (without --include-unfinished)."""
+    notes: list[str] = field(default_factory=list)
+    """Tasks whose runs did not log the metric, and similar."""
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def warnings(self) -> list[str]:
+        return [w for g in self.groups for w in g.warnings] + self.notes
+
+    def group(self, task: str) -> Summary:
+        return next(g for g in self.groups if g.task == task)
 
 
 def _int(cell: Any) -> Optional[int]:
@@ -194,8 +299,9 @@ def _goal(goal: str) -> str:
 
 
 def summarize(root: str | Path, metric: str = "val/loss", params: Optional[Sequence[str]] = None,
-              goal: str = "min", out: Optional[str | Path] = None, plot: str = "final") -> Summary:
-    """Read the runs under ``root`` and write summary.md, summary.csv and summary.png into ``out``."""
+              goal: str = "min", out: Optional[str | Path] = None, plot: str = "final",
+              include_unfinished: bool = False) -> Report:
+    """Read the runs under ``root`` and write summary.md, summary.csv and the plot(s) into ``out``."""
     root = Path(root)
     goal = _goal(goal)
     if plot not in ("final", "best"):
@@ -204,21 +310,65 @@ def summarize(root: str | Path, metric: str = "val/loss", params: Optional[Seque
         raise SummaryError(f"{root}: no such folder")
     if params is not None:
         check_params(params)
-    runs = [read_run(p, root) for p in find_run_dirs(root)]
-    if not runs:
+    found = [read_run(p, root) for p in find_run_dirs(root)]
+    if not found:
         raise SummaryError(f"{root}: no run directories (folders holding {CONFIG_FILE} and {METRICS_FILE}) under it")
+    report = Report(metric, goal, root, [], include_unfinished)
+    runs = found if include_unfinished else [r for r in found if r.progress.finished]
+    report.left_out = [] if include_unfinished else [r for r in found if not r.progress.finished]
+    if not runs:
+        raise SummaryError(f"none of the {len(found)} runs under {root} finished ({_left_out_text(found)}); "
+                           "--include-unfinished summarises them anyway")
     logged = sorted({c for r in runs for c in r.columns if c not in INDEX_COLUMNS and r.series(c)})
     if not any(r.series(metric) for r in runs):
         import difflib
 
         close = difflib.get_close_matches(metric, logged, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        raise SummaryError(f"--metric {metric!r} was not logged by any of the {len(runs)} runs under {root}{hint}; "
+        which = "" if include_unfinished or not report.left_out else "finished "
+        raise SummaryError(f"--metric {metric!r} was not logged by any of the {len(runs)} {which}runs under {root}{hint}; "
                            f"logged metrics: {', '.join(logged) or 'none'}")
-    names = list(params) if params is not None else differing_fields(runs)
-    summary = Summary(metric, goal, names, [], root)
+    tasks: dict[str, list[RunRecord]] = {}
+    for run in runs:
+        tasks.setdefault(run.task, []).append(run)
+    for task in sorted(tasks):
+        members = tasks[task]
+        if not any(r.series(metric) for r in members):
+            report.notes.append(f"the {len(members)} {task} runs logged no {metric} and are not tabulated")
+            continue
+        report.groups.append(_summarize_task(task, members, metric, goal, params, root))
+    out_dir = Path(out) if out is not None else root
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report.files = {"md": out_dir / "summary.md", "csv": out_dir / "summary.csv"}
+    for g in report.groups:
+        stem = "summary" if len(report.groups) == 1 else f"summary_{_slug(g.task)}"
+        g.files["png"] = out_dir / f"{stem}.png"
+        write_plot(g, g.files["png"], value=plot)
+    write_csv(report, report.files["csv"])
+    write_markdown(report, report.files["md"])
+    return report
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-" else "_" for c in text).strip("_").replace("__", "_")
+
+
+def _left_out_text(runs: Sequence[RunRecord]) -> str:
+    return ", ".join(f"{r.name}: {r.progress.status}" for r in runs)
+
+
+def _summarize_task(task: str, runs: list[RunRecord], metric: str, goal: str, params: Optional[Sequence[str]],
+                    root: Path) -> Summary:
+    differing = differing_fields(runs)
+    names = list(params) if params is not None else differing
+    summary = Summary(task, metric, goal, names, [], root)
+    lengths = [f for f in LENGTH_FIELDS if f in differing and f not in names]
+    if lengths:  # never average runs of different lengths together
+        names += lengths
+        summary.warnings.append(f"{task} runs differ in {' and '.join(lengths)}: added to the parameters, so that "
+                                "runs of different lengths are not averaged together")
     if params is None and len(names) > 4:
-        summary.warnings.append(f"{len(names)} config fields differ between the runs ({', '.join(names[:6])}"
+        summary.warnings.append(f"{len(names)} config fields differ between the {task} runs ({', '.join(names[:6])}"
                                 f"{', ...' if len(names) > 6 else ''}); --params picks the ones that were swept")
     pick = min if goal == "min" else max
     for run in runs:
@@ -227,22 +377,21 @@ def summarize(root: str | Path, metric: str = "val/loss", params: Optional[Seque
         best = pick(finite, key=lambda sv: sv[1]) if finite else None
         if not series:
             summary.warnings.append(f"{run.name} logged no {metric}")
-        # Steps trained: from the training rows (callbacks may log after the last step, at step = steps done).
-        steps = run.max_index("step", prefix="train/")
-        steps, epochs = (run.max_index("step") if steps is None else steps), run.max_index("epoch")
+        progress = run.progress
+        steps, epochs = progress.steps, progress.epochs
+        if steps is None and not run.config.get("trainer.eval_only"):  # no checkpoint: what metrics.csv shows
+            # Steps trained: from the training rows (callbacks may log after the last step, at step = steps done).
+            last_step = run.max_index("step", prefix="train/")
+            last_step = run.max_index("step") if last_step is None else last_step
+            last_epoch = run.max_index("epoch")
+            steps = None if last_step is None else last_step + 1
+            epochs = None if last_epoch is None else last_epoch + 1
         summary.rows.append(Row(
             run=run, params={n: run.config.get(n) for n in names},
             final=series[-1][1] if series else None, final_step=series[-1][0] if series else None,
-            best=best[1] if best else None, best_step=best[0] if best else None,
-            steps=None if steps is None else steps + 1, epochs=None if epochs is None else epochs + 1,
+            best=best[1] if best else None, best_step=best[0] if best else None, steps=steps, epochs=epochs,
         ))
     summary.rows.sort(key=lambda r: (*(_sort_key(r.params[n]) for n in names), r.run.name))
-    out_dir = Path(out) if out is not None else root
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summary.files = {"md": out_dir / "summary.md", "csv": out_dir / "summary.csv", "png": out_dir / "summary.png"}
-    write_csv(summary, summary.files["csv"])
-    write_markdown(summary, summary.files["md"])
-    write_plot(summary, summary.files["png"], value=plot)
     return summary
 
 
@@ -257,17 +406,19 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def write_csv(summary: Summary, path: Path) -> None:
-    header = ["run", *summary.params, "final", "best", "best_step", "final_step", "steps", "epochs", "metric",
-              "goal", "run_dir"]
+def write_csv(report: Report, path: Path) -> None:
+    params = list(dict.fromkeys(n for g in report.groups for n in g.params))  # every task's, in order
+    header = ["run", "task", "status", *params, "final", "best", "best_step", "final_step", "steps", "epochs",
+              "metric", "goal", "run_dir"]
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
-        for r in summary.rows:
-            writer.writerow([r.run.name, *(r.params[n] for n in summary.params),
-                             "" if r.final is None else repr(r.final), "" if r.best is None else repr(r.best),
-                             _fmt(r.best_step), _fmt(r.final_step), _fmt(r.steps), _fmt(r.epochs),
-                             summary.metric, summary.goal, str(r.run.path)])
+        for g in report.groups:
+            for r in g.rows:
+                writer.writerow([r.run.name, g.task, r.run.progress.status, *(r.params.get(n, "") for n in params),
+                                 "" if r.final is None else repr(r.final), "" if r.best is None else repr(r.best),
+                                 _fmt(r.best_step), _fmt(r.final_step), _fmt(r.steps), _fmt(r.epochs),
+                                 report.metric, report.goal, str(r.run.path)])
 
 
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Sequence[str]) -> list[str]:
@@ -283,49 +434,94 @@ def _is_numeric(values: Sequence[Any]) -> bool:
 
 
 def _cell_means(summary: Summary, value: str = "final") -> dict[tuple, list[float]]:
-    cells: dict[tuple, list[float]] = {}
+    return {key: [v for v, _ in cell] for key, cell in _cells(summary, value).items()}
+
+
+def _cells(summary: Summary, value: str = "final") -> dict[tuple, list[tuple[float, bool]]]:
+    """(value, finished) of the rows of each parameter setting."""
+    cells: dict[tuple, list[tuple[float, bool]]] = {}
     for r in summary.rows:
         v = getattr(r, value)
         if v is not None and math.isfinite(v):
-            cells.setdefault(tuple(r.params[n] for n in summary.params), []).append(v)
+            cells.setdefault(tuple(r.params[n] for n in summary.params), []).append((v, r.finished))
     return cells
 
 
-def write_markdown(summary: Summary, path: Path) -> None:
+def _trained(r: Row) -> str:
+    """'15/15' epochs (completed/asked), or just what is known."""
+    target = r.run.config.get("trainer.max_epochs")
+    if r.epochs is None:
+        return ""
+    return f"{r.epochs}/{target}" if isinstance(target, int) and target > 0 else str(r.epochs)
+
+
+def _task_markdown(summary: Summary) -> list[str]:
     m, goal = summary.metric, summary.goal
-    lines = [f"# {m} over {len(summary.rows)} runs", "",
-             f"Runs under `{summary.root}`; final = last logged value, best = {goal} over the run "
-             f"(at that step); swept: {', '.join(f'`{p}`' for p in summary.params) or 'nothing (all configs equal)'}.", ""]
-    header = ["run", *summary.params, f"final {m}", f"best {m}", "best at step", "steps", "epochs"]
+    unfinished = sum(not r.finished for r in summary.rows)
+    count = f"{len(summary.rows)} run{'s' * (len(summary.rows) != 1)}" + (f", {unfinished} of them unfinished" if unfinished else "")
+    lines = [f"## {summary.task}: {count}", "",
+             f"Swept: {', '.join(f'`{p}`' for p in summary.params) or 'nothing (all configs equal)'}.", ""]
+    header = ["run", *summary.params, f"final {m}", f"best {m}", "best at step", "epochs", "steps"]
+    header += ["status"] if unfinished else []
     best = summary.best_row
     rows = []
     for r in summary.rows:
         name = f"**{r.run.name}**" if r is best else r.run.name
         rows.append([name, *(_fmt(r.params[n]) for n in summary.params), _fmt(r.final), _fmt(r.best),
-                     _fmt(r.best_step), _fmt(r.steps), _fmt(r.epochs)])
-    lines += _md_table(header, rows, ["l"] * (1 + len(summary.params)) + ["r"] * 5)
+                     _fmt(r.best_step), _trained(r), _fmt(r.steps)] + ([r.run.progress.status] if unfinished else []))
+    lines += _md_table(header, rows, ["l"] * (1 + len(summary.params)) + ["r"] * 5 + ["l"] * bool(unfinished))
     if best is not None:
         setting = ", ".join(f"{n}={_fmt(best.params[n])}" for n in summary.params[:4])
         setting += ", ..." if len(summary.params) > 4 else ""
         lines += ["", f"Best final {m} ({goal}): **{_fmt(best.final)}** — {best.run.name}"
-                  + (f" ({setting})" if setting else "")]
+                  + (f" ({setting})" if setting else "") + ("" if best.finished else " (unfinished)")]
     if len(summary.params) == 2:
         a, b = summary.params
-        cells = _cell_means(summary)
+        cells = _cells(summary)
         avals = sorted({r.params[a] for r in summary.rows}, key=_sort_key)
         bvals = sorted({r.params[b] for r in summary.rows}, key=_sort_key)
         grid_rows = []
         for av in avals:
             row = [f"{a}={_fmt(av)}"]
             for bv in bvals:
-                vs = cells.get((av, bv), [])
-                row.append("" if not vs else _fmt(statistics.fmean(vs)) + (f" (mean of {len(vs)})" if len(vs) > 1 else ""))
+                cell = cells.get((av, bv), [])
+                if not cell:
+                    row.append("")
+                    continue
+                notes = [f"mean of {len(cell)}"] if len(cell) > 1 else []
+                stopped = sum(not done for _, done in cell)
+                notes += [f"{stopped} unfinished"] if stopped else []
+                row.append(_fmt(statistics.fmean(v for v, _ in cell)) + (f" ({', '.join(notes)})" if notes else ""))
             grid_rows.append(row)
         lines += ["", f"Final {m}, {a} (rows) × {b} (columns):", ""]
         lines += _md_table(["", *(f"{b}={_fmt(v)}" for v in bvals)], grid_rows, ["l"] + ["r"] * len(bvals))
+    if "png" in summary.files:
+        lines += ["", f"![{summary.task}]({summary.files['png'].name})"]
     for w in summary.warnings:
         lines += ["", f"Note: {w}."]
-    path.write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def write_markdown(report: Report, path: Path) -> None:
+    m, goal = report.metric, report.goal
+    total = sum(len(g.rows) for g in report.groups)
+    which = "runs" if report.include_unfinished else "finished runs"
+    tasks = ", ".join(g.task for g in report.groups)
+    lines = [f"# {m} over {total} {which} ({tasks})", "",
+             f"Runs under `{report.root}`, compared within their task; final = last logged value, best = {goal} "
+             f"over the run (at that step); epochs = completed/asked (`trainer.max_epochs`), steps = optimizer steps, "
+             f"both from `{LAST_CHECKPOINT}`. "
+             + ("Unfinished runs included (status column)." if report.include_unfinished else
+                f"Only finished runs: `{LAST_CHECKPOINT}` at `trainer.max_epochs` or `trainer.max_steps` "
+                f"(evaluation-only runs: `{EVAL_METRICS_FILE}` written)."), ""]
+    for g in report.groups:
+        lines += _task_markdown(g) + [""]
+    for note in report.notes:
+        lines += [f"Note: {note}.", ""]
+    if report.left_out:
+        lines += [f"Left out, unfinished ({len(report.left_out)}; `--include-unfinished` includes them): "
+                  + "; ".join(f"{r.name} ({r.task}, {r.progress.status})" for r in report.left_out) + ".", ""]
+    path.write_text("\n".join(lines).rstrip("\n") + "\n")
 
 
 def write_plot(summary: Summary, path: Path, value: str = "final") -> None:
@@ -395,7 +591,9 @@ def write_plot(summary: Summary, path: Path, value: str = "final") -> None:
     ax.margins(x=0.08, y=0.12)
     ax.grid(alpha=0.3)
     swept = " and ".join(params) if 0 < len(params) <= 2 else "run"
-    ax.set_title(f"{label} vs {swept} ({len(rows)} runs; {arrow})", fontsize=10)
+    unfinished = sum(not r.finished for r in rows)
+    count = f"{len(rows)} {summary.task} runs" + (f", {unfinished} unfinished" if unfinished else "")
+    ax.set_title(f"{label} vs {swept} ({count}; {arrow})", fontsize=10)
     if len(params) > 2:
         ax.text(0.5, -0.32 if len(rows) > 3 else -0.18, f"{len(params)} parameters: "
                 f"{', '.join(params[:4])}{', ...' if len(params) > 4 else ''} (--params with one or two for a "
@@ -462,6 +660,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         "backbone.depth,barlow.proj_dim (default: the fields that differ between runs)")
     p.add_argument("--out", default=None, help="where to write summary.md/.csv/.png (default: the runs folder)")
     p.add_argument("--plot", default="final", choices=("final", "best"), help="value plotted (default: final)")
+    p.add_argument("--include-unfinished", action="store_true",
+                   help="also summarise runs that did not finish (last.ckpt short of trainer.max_epochs/max_steps, "
+                        "or none); by default they are only listed")
     return p
 
 
@@ -469,15 +670,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = build_arg_parser().parse_args(argv)
         params = None if args.params is None else [p.strip() for p in args.params.split(",") if p.strip()]
-        summary = summarize(args.runs, metric=args.metric, params=params, goal=args.goal, out=args.out,
-                            plot=args.plot)
+        report = summarize(args.runs, metric=args.metric, params=params, goal=args.goal, out=args.out,
+                           plot=args.plot, include_unfinished=args.include_unfinished)
     except SummaryError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for w in summary.warnings:
+    for w in report.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    print(summary.files["md"].read_text(), end="")
-    print(f"\nwrote {summary.files['md']}, {summary.files['csv']}, {summary.files['png']}")
+    print(report.files["md"].read_text(), end="")
+    written = [report.files["md"], report.files["csv"], *(g.files["png"] for g in report.groups)]
+    print(f"\nwrote {', '.join(str(f) for f in written)}")
     return 0
 
 
