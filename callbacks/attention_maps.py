@@ -5,7 +5,7 @@ and each extra block of ``--callbacks.attention_blocks`` (``media/attention_b<bl
 ``media/attention_b<block>``, 0-based block numbers). Each row is one image: the image, the CLS attention of
 every head, their mean, the mean map's mass-threshold mask over the image, and every head's mask outlined in
 that head's colour (DINO's ``th_attn``, keeping ``--callbacks.attention_keep`` of the attention mass).
-Attention probabilities are recomputed from the block weights (:mod:`utils.attention`), so fused attention
+Attention probabilities are recomputed from the block weights (:mod:`analysis.attention`), so fused attention
 stays on for training.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import Tensor
 
 from callbacks.visual import (VisualisationCallback, cls_attention_problem, denormalise, eval_mode, save_figure,
                               subplots, vit_of)
-from utils.attention import cls_attentions, mass_threshold_masks
+from analysis.attention import cls_attentions, mass_threshold_masks
 
 CELL_INCHES = 1.7
 HEATMAP = "inferno"
@@ -110,7 +110,7 @@ def attention_figure(images: Tensor, attn: Tensor, block: int, depth: int, epoch
     of dozens of matplotlib axes costs seconds per figure; this costs a fraction of that).
 
     ``images``: (B, 3, H, W) ImageNet-normalised; ``attn``: (B, heads, H/p, W/p) CLS attention
-    (:func:`utils.attention.cls_attention`). Each heat map is scaled from its own min to its max; the
+    (:func:`analysis.attention.cls_attention`). Each heat map is scaled from its own min to its max; the
     number under it is max / mean (≈1: uniform attention).
     """
     import matplotlib

@@ -2,7 +2,7 @@
 
 On a fixed, evenly spaced subset of the validation images that have the protocol's masks (the same images
 every time), the last block's CLS-attention heads are thresholded to ``--callbacks.attention_keep`` of their
-mass and scored against the ground truth under ``--callbacks.jaccard_protocol`` (:mod:`utils.emergence`):
+mass and scored against the ground truth under ``--callbacks.jaccard_protocol`` (:mod:`analysis.emergence`):
 
 * ``dino`` (default): the public reference code behind DINO's 45.9 / 27.3 / 22.0 — images and
   ``SegmentationClass`` masks resized to ``--callbacks.emergence_img_size`` (512 there), classes, void
@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from callbacks.visual import cls_attention_problem, eval_mode, vit_of
-from utils.attention import cls_attention
-from utils.emergence import (DINO_IMG_SIZE, EmergenceScore, check_protocol, dino_position_embedding,
+from analysis.attention import cls_attention
+from analysis.emergence import (DINO_IMG_SIZE, EmergenceScore, check_protocol, dino_position_embedding,
                              dino_preprocess, emergence_jaccard, label_folders, normalize)
 
 log = logging.getLogger(__name__)

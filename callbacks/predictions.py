@@ -14,7 +14,7 @@ from datamodules.voc import VOC_CLASSES
 
 def voc_palette() -> np.ndarray:
     """The standard VOC colour map as (256, 3) uint8 (255 → the void colour)."""
-    from utils.synthetic_voc import VOC_PALETTE
+    from datamodules.synthetic_voc import VOC_PALETTE
 
     return np.asarray(VOC_PALETTE, dtype=np.uint8).reshape(256, 3)
 

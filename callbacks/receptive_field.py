@@ -2,7 +2,7 @@
 
 One heatmap per layer (``--callbacks.erf_layers``: ViT block indices or ResNet stage names; empty = a
 spread of 4), each the gradient magnitude of the layer's centre unit with respect to the input pixels,
-averaged over ``--callbacks.erf_images`` validation images (see :mod:`utils.receptive_field`). Written to
+averaged over ``--callbacks.erf_images`` validation images (see :mod:`analysis.receptive_field`). Written to
 ``<run>/media/erf_e<epoch>.png`` and wandb ``media/erf``.
 
 Scale (one shared colour bar either way):
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from callbacks.visual import subplots, VisualisationCallback
-from utils.receptive_field import (
+from analysis.receptive_field import (
     centre_patch_box, check_erf_layers, effective_receptive_field, erf_model, resolve_layers,
 )
 
@@ -71,7 +71,7 @@ def plot_receptive_fields(maps: dict[str, Tensor], title: str, log_scale: bool =
                           boxes: Optional[dict[str, Box]] = None):
     """A grid of (H, W) maps (peak 1), one per layer (at most 4 per row), with one shared colour bar.
 
-    ``boxes`` (ViT: the centre patch per layer, :func:`utils.receptive_field.centre_patch_box`): on the
+    ``boxes`` (ViT: the centre patch per layer, :func:`analysis.receptive_field.centre_patch_box`): on the
     linear scale such a panel shows :func:`patch_means`, divided by the largest patch mean outside the
     centre patch; the centre patch saturates and is outlined, the title gives its share of the gradient.
     Without a box (ResNet) or on the log scale a panel shows the pixel map as it is (peak 1)."""

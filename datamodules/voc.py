@@ -119,7 +119,7 @@ def download_voc(root: Path) -> None:
 
 
 class SyntheticSource:
-    """Generated VOC-layout data (utils/synthetic_voc.py), made once and cached under ``data.root``."""
+    """Generated VOC-layout data (datamodules/synthetic_voc.py), made once and cached under ``data.root``."""
 
     @staticmethod
     def check(cfg: DataConfig) -> str | None:
@@ -132,7 +132,7 @@ class SyntheticSource:
 
     @staticmethod
     def prepare(cfg: DataConfig) -> Path:
-        from utils.synthetic_voc import ensure_synthetic_voc
+        from datamodules.synthetic_voc import ensure_synthetic_voc
 
         return ensure_synthetic_voc(cfg.root, cfg.synthetic_train, cfg.synthetic_val, cfg.synthetic_size, cfg.synthetic_seed)
 

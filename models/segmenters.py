@@ -27,7 +27,7 @@ from models.backbones.vit import ViTBackbone
 from models.heads import HEADS, head_levels
 from models.backbones.resnet import imagenet_weights_download
 from models.weights import load_into, torchvision_weights
-from utils.attention import BlockAttention, block_attention, recorded_attention_inputs
+from analysis.attention import BlockAttention, block_attention, recorded_attention_inputs
 
 log = logging.getLogger(__name__)
 

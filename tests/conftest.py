@@ -18,7 +18,7 @@ TINY_DATA = {"synthetic_train": 32, "synthetic_val": 16, "synthetic_size": 32}
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory) -> Path:
     """A cache folder holding one tiny synthetic VOC set (generated once per test session)."""
-    from utils.synthetic_voc import ensure_synthetic_voc
+    from datamodules.synthetic_voc import ensure_synthetic_voc
 
     cache = tmp_path_factory.mktemp("data")
     ensure_synthetic_voc(cache, TINY_DATA["synthetic_train"], TINY_DATA["synthetic_val"], TINY_DATA["synthetic_size"], 0)
@@ -28,7 +28,7 @@ def data_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def voc_root(data_cache) -> Path:
     """The root (holding VOCdevkit/VOC2012) of the tiny synthetic set."""
-    from utils.synthetic_voc import ensure_synthetic_voc
+    from datamodules.synthetic_voc import ensure_synthetic_voc
 
     return ensure_synthetic_voc(data_cache, TINY_DATA["synthetic_train"], TINY_DATA["synthetic_val"],
                                 TINY_DATA["synthetic_size"], 0)

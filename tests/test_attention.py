@@ -14,7 +14,7 @@ from PIL import Image
 
 import main
 from callbacks.attention_maps import AttentionMapCallback
-from utils.attention import cls_attention, cls_attentions, mass_threshold_masks
+from analysis.attention import cls_attention, cls_attentions, mass_threshold_masks
 
 
 @pytest.fixture(autouse=True)

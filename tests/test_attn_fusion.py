@@ -1,5 +1,5 @@
 """The attention-fusion head (models/heads/attn_fusion.py) and the full-attention helpers it reads
-(utils/attention.py): maps against a brute-force reference, probabilities against timm's unfused path,
+(analysis/attention.py): maps against a brute-force reference, probabilities against timm's unfused path,
 shapes, freezing, one backbone pass, parameter counts, and a run through main.py."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from models.heads.attn_fusion import MAP_NAMES, attention_maps
 from models.segmenters import build_segmenter
 from tests.test_attention import unfused_probabilities
 from tests.test_main import ckpt, column, metrics
-from utils.attention import BlockAttention, block_attentions, cls_attention
+from analysis.attention import BlockAttention, block_attentions, cls_attention
 
 CLASSES = 21
 

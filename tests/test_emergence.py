@@ -25,7 +25,7 @@ from config.loading import ConfigError, parse_config
 from config.validation import validate
 from tests.test_main import ckpt, column, metrics
 from tests.wandb_records import logged, run_file
-from utils.emergence import (dino_position_embedding, dino_preprocess, dino_threshold_masks, emergence_jaccard,
+from analysis.emergence import (dino_position_embedding, dino_preprocess, dino_threshold_masks, emergence_jaccard,
                              image_jaccard, jaccard_per_head, normalize, object_masks, upsample_masks)
 
 
@@ -134,7 +134,7 @@ def test_upsample_masks_nearest_to_any_size():
 
 @pytest.mark.parametrize("threshold", ["dino", "mass"])
 def test_planted_attention_threshold_masks_are_the_planted_patches(threshold):
-    from utils.attention import mass_threshold_masks
+    from analysis.attention import mass_threshold_masks
 
     fn = dino_threshold_masks if threshold == "dino" else mass_threshold_masks
     for k in range(1, 9):

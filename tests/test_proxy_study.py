@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from utils import proxy_study
+from tools import proxy_study
 
 
 def write_metrics(run_dir: Path, rows: list[dict]) -> None:

@@ -6,7 +6,7 @@ sandbox — a temporary folder whose entries link to the repository's, with its 
 
 - ``pip install``: not run; every ``-r``/``-c`` file and local path it names must exist.
 - ``pytest``: not run (it is this suite).
-- ``python main.py ...``, ``python -m utils.<tool> ...`` (also behind ``torchrun``/``srun``): run with the
+- ``python main.py ...``, ``python -m tools.<tool> ...`` (also behind ``torchrun``/``srun``): run with the
   tool's tiny overrides appended (later flags win: generated 32 px data, a 2-block ViT, one epoch, wandb
   offline, outputs inside the sandbox); it must exit 0.
 - a command whose last line ends with a comment holding ``needs: gpu``, ``needs: voc`` (the real Pascal
@@ -196,9 +196,9 @@ class Tool:
 
 TOOLS = {
     "main.py": Tool(main_sandbox, main_tiny),
-    "utils.reproduce": Tool(reproduce_sandbox, reproduce_tiny),
-    "utils.proxy_study": Tool(proxy_study_sandbox, proxy_study_tiny),
-    "utils.synthetic_voc": Tool(_nothing, synthetic_voc_tiny),
+    "tools.reproduce": Tool(reproduce_sandbox, reproduce_tiny),
+    "tools.proxy_study": Tool(proxy_study_sandbox, proxy_study_tiny),
+    "tools.synthetic_voc": Tool(_nothing, synthetic_voc_tiny),
     "tools.emergence": Tool(emergence_sandbox, emergence_tiny),
 }
 UNKNOWN_TOOL = Tool(_nothing, _nothing)  # marked commands only: run as written (in the sandbox)
@@ -508,7 +508,7 @@ def test_placeholders_and_launchers(tmp_path):
                    f"-o {ctx.sandbox / 'out_dir'}"
     assert (copy / "checkpoints").is_dir()
     assert python_program(["torchrun", "--nnodes", "2", "main.py", "--x", "1"]) == ("main.py", ["main.py"], ["--x", "1"])
-    assert python_program(["python", "-m", "utils.reproduce", "--dry-run"]) == ("utils.reproduce", ["-m", "utils.reproduce"], ["--dry-run"])
+    assert python_program(["python", "-m", "tools.reproduce", "--dry-run"]) == ("tools.reproduce", ["-m", "tools.reproduce"], ["--dry-run"])
     with pytest.raises(AssertionError, match="no rule"):
         python_program(["make", "all"])
     assert expand(["--a", "...", "config/experiments/table2/dino_vits8_*.yaml"], ctx.sandbox) == [

@@ -11,7 +11,7 @@ from torch import nn
 
 import main
 from config.hparams import Hparams
-from utils.receptive_field import (
+from analysis.receptive_field import (
     centre_patch_box, check_erf_layers, effective_receptive_field, erf_model, resolve_layers,
 )
 

@@ -1,4 +1,4 @@
-"""One-command reproduction (utils/reproduce.py): smoke runs write the table, finished runs are skipped, a
+"""One-command reproduction (tools/reproduce.py): smoke runs write the table, finished runs are skipped, a
 failing config does not stop the others, dry runs run nothing, order and weight paths follow dependencies."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from utils import reproduce
+from tools import reproduce
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = ROOT / "config" / "experiments"

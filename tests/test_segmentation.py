@@ -208,7 +208,7 @@ def test_head_weights_of_another_shape_are_refused(tiny, tmp_path):
 # -------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def data64(tmp_path_factory) -> Path:
-    from utils.synthetic_voc import ensure_synthetic_voc
+    from datamodules.synthetic_voc import ensure_synthetic_voc
 
     cache = tmp_path_factory.mktemp("data64")
     ensure_synthetic_voc(cache, 256, 32, 64, 0)

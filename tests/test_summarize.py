@@ -1,4 +1,4 @@
-"""utils.summarize on hand-written run directories (config.yaml + metrics.csv, as main.py writes them)."""
+"""tools.summarize on hand-written run directories (config.yaml + metrics.csv, as main.py writes them)."""
 from __future__ import annotations
 
 import csv
@@ -11,8 +11,8 @@ import yaml
 
 from config.hparams import Hparams
 from config.loading import to_dict
-from utils import summarize
-from utils.summarize import SummaryError
+from tools import summarize
+from tools.summarize import SummaryError
 
 HEADER = ["epoch", "lr-AdamW/pg1", "step", "train/loss_epoch", "train/loss_step", "val/loss"]
 

@@ -13,8 +13,8 @@ import yaml
 
 from config.loading import parse_config
 from tests.conftest import tiny_args
-from utils import summarize, sweep
-from utils.sweep import SweepError
+from tools import summarize, sweep
+from tools.sweep import SweepError
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEP_FILES = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -233,7 +233,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert sweep.main([str(path), "--no-such-flag"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     # as a real process: exit status 2, one line, no traceback
-    proc = subprocess.run([sys.executable, "-m", "utils.sweep", str(path), "--dry-run"], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "tools.sweep", str(path), "--dry-run"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr

@@ -1,4 +1,4 @@
-"""Tests of the synthetic Pascal-VOC-layout generator (utils/synthetic_voc.py).
+"""Tests of the synthetic Pascal-VOC-layout generator (datamodules/synthetic_voc.py).
 
 The texture and colour checks analyse the written files only (FFT of masked pixels, mean colours), so they
 do not depend on how the generator draws.
@@ -23,8 +23,8 @@ if str(REPO_ROOT) not in sys.path:  # also works with a bare `pytest` run and no
     sys.path.insert(0, str(REPO_ROOT))
 
 from datamodules.images import DataError  # noqa: E402
-from utils import synthetic_voc as sv  # noqa: E402
-from utils.synthetic_voc import VOC_CLASSES, VOC_PALETTE, ensure_synthetic_voc, generate_synthetic_voc  # noqa: E402
+from datamodules import synthetic_voc as sv  # noqa: E402
+from datamodules.synthetic_voc import VOC_CLASSES, VOC_PALETTE, ensure_synthetic_voc, generate_synthetic_voc  # noqa: E402
 
 SIZE = 64
 PATCH = 8  # ViT patch at the smallest image size used
@@ -348,7 +348,7 @@ def test_marker_names_the_generator_format_and_parameters(tmp_path):
 def test_refuses_a_real_voc_root_and_leaves_it_byte_for_byte_unchanged(tmp_path):
     root = _fake_voc_root(tmp_path / "voc")
     before, parent_before = _snapshot(root), sorted(os.listdir(tmp_path))
-    with pytest.raises(sv.ForeignDirectoryError, match="was not made by utils.synthetic_voc") as err:
+    with pytest.raises(sv.ForeignDirectoryError, match="was not made by datamodules.synthetic_voc") as err:
         generate_synthetic_voc(root, 4, 2, 32, seed=0)
     assert str(root.resolve()) in str(err.value) and "VOCdevkit" in str(err.value)
     assert isinstance(err.value, DataError)  # main.py reports DataError as one line
@@ -357,7 +357,7 @@ def test_refuses_a_real_voc_root_and_leaves_it_byte_for_byte_unchanged(tmp_path)
 
     # the same through the command line: one "error:" line naming the folder, exit status 2
     res = subprocess.run(
-        [sys.executable, "-m", "utils.synthetic_voc", str(root), "--train", "4", "--val", "2", "--size", "32"],
+        [sys.executable, "-m", "tools.synthetic_voc", str(root), "--train", "4", "--val", "2", "--size", "32"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
     assert res.returncode == 2, res.stderr
@@ -543,7 +543,7 @@ def test_ensure_crash_leaves_the_previous_state(tmp_path, monkeypatch):
 
 def test_ensure_concurrent_processes(tmp_path):
     code = (
-        "import sys; from utils.synthetic_voc import ensure_synthetic_voc as e; "
+        "import sys; from datamodules.synthetic_voc import ensure_synthetic_voc as e; "
         "print(e(sys.argv[1], 30, 5, 64, 2))"
     )
     procs = [
@@ -562,10 +562,10 @@ def test_ensure_concurrent_processes(tmp_path):
 
 
 def _kill_cli_midway(out: Path, *flags: str) -> Path:
-    """Starts ``python -m utils.synthetic_voc OUT FLAGS`` (many images, so it cannot finish in time) and
+    """Starts ``python -m tools.synthetic_voc OUT FLAGS`` (many images, so it cannot finish in time) and
     SIGKILLs it once its temporary folder holds 20 images; returns that temporary folder."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "utils.synthetic_voc", str(out), *flags],
+        [sys.executable, "-m", "tools.synthetic_voc", str(out), *flags],
         cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 120
@@ -634,7 +634,7 @@ def test_killed_generation_with_workers_leaves_nothing_usable_and_ensure_rebuild
 def test_cli(tmp_path):
     out = tmp_path / "cli"
     res = subprocess.run(
-        [sys.executable, "-m", "utils.synthetic_voc", str(out)]
+        [sys.executable, "-m", "tools.synthetic_voc", str(out)]
         + ["--train", "3", "--val", "2", "--size", "32", "--seed", "1"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
@@ -650,11 +650,11 @@ def test_cli(tmp_path):
 def test_cli_help_and_errors(tmp_path):
     env = dict(os.environ)
     res = subprocess.run(
-        [sys.executable, "-m", "utils.synthetic_voc", "--help"], cwd=REPO_ROOT, capture_output=True, text=True, env=env
+        [sys.executable, "-m", "tools.synthetic_voc", "--help"], cwd=REPO_ROOT, capture_output=True, text=True, env=env
     )
     assert res.returncode == 0 and "OUT_DIR" in res.stdout and "--train" in res.stdout and "--seed" in res.stdout
     res = subprocess.run(
-        [sys.executable, "-m", "utils.synthetic_voc", str(tmp_path / "bad"), "--size", "8"],
+        [sys.executable, "-m", "tools.synthetic_voc", str(tmp_path / "bad"), "--size", "8"],
         cwd=REPO_ROOT, capture_output=True, text=True, env=env,
     )
     assert res.returncode == 2 and "size" in res.stderr

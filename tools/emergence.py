@@ -14,7 +14,7 @@ Flags: main.py's (``--config``, ``--backbone.*``, ``--data.*``; ``--callbacks.ja
 forward pass, ``--data.num_workers``; ``--log.output_dir``/``--log.run_name``), plus this program's own:
 ``--split`` (val; train, trainval) and ``--num-images`` (0 = the whole split, else that many, evenly spaced).
 
-The protocol is :mod:`utils.emergence`'s (``dino`` by default: the public evaluation code behind DINO's
+The protocol is :mod:`analysis.emergence`'s (``dino`` by default: the public evaluation code behind DINO's
 numbers, step by step). Writes, in a fresh run directory ``<output_dir>/<run_name>`` (default
 ``emergence-<backbone>-<time>``): ``emergence.csv`` and ``emergence.md`` (the best-head Jaccard and each
 head's own, the number of images and objects), ``config.yaml`` (main.py's flags as resolved) and
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
 if TYPE_CHECKING:
-    from utils.emergence import EmergenceScore
+    from analysis.emergence import EmergenceScore
 
 log = logging.getLogger("tools.emergence")
 
@@ -154,7 +154,7 @@ def measure(cfg, split: str, num_images: int, argv: Sequence[str] = ()) -> Resul
     from datamodules.barlow_twins import default_num_workers
     from datamodules.images import DataError
     from models.backbones import build_backbone
-    from utils.emergence import label_folders, per_image_jaccard, summarize
+    from analysis.emergence import label_folders, per_image_jaccard, summarize
     from utils.run_dir import save_code_state
 
     c = cfg.callbacks
@@ -208,7 +208,7 @@ def write_tables(result: Result, cfg, argv: Sequence[str]) -> None:
     lines = [
         f"# Emergence Jaccard: {cfg.backbone.name}, {weights_description(cfg)}",
         "",
-        f"Protocol `{result.protocol}` (utils/emergence.py), {result.split} split of {cfg.data.root}: "
+        f"Protocol `{result.protocol}` (analysis/emergence.py), {result.split} split of {cfg.data.root}: "
         f"{score.images} images scored ({score.skipped} left out: no object in their mask), {score.objects} {objects}; "
         f"masks keep {c.attention_keep:g} of the attention mass; images at {c.emergence_img_size} px.",
         "",

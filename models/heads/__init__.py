@@ -9,7 +9,7 @@ protocol; parameter counts next to the reference implementations' in docs/heads.
 
 A factory with ``needs_attention = True`` ('attn_fusion') is also given ``num_heads=`` (the backbone's
 attention heads per block), and its module is called as ``head(features, attentions)`` with the softmax
-attention of the same blocks (``utils.attention.BlockAttention``).
+attention of the same blocks (``analysis.attention.BlockAttention``).
 """
 from __future__ import annotations
 

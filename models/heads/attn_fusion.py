@@ -3,8 +3,8 @@ the patch tokens — the decoder the report proposes (§1.3: "extract and conver
 feature maps and then fuse them with the patch embeddings") and did not have time to build.
 
 Input: the last block's patch-token grid (B, D, h, w) and that block's softmax attention
-(:class:`utils.attention.BlockAttention`, the real probabilities recomputed from the block's weights, see
-``utils/attention.py``). Per attention head, :func:`attention_maps` makes ``MAPS_PER_HEAD`` = 7 maps on the
+(:class:`analysis.attention.BlockAttention`, the real probabilities recomputed from the block's weights, see
+``analysis/attention.py``). Per attention head, :func:`attention_maps` makes ``MAPS_PER_HEAD`` = 7 maps on the
 patch grid:
 
 1. ``cls``: CLS → patch attention, ``log1p(n·a)`` (n patches, so uniform attention gives log 2). The maps
@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from models.heads.registry import HEADS, check_single_level, classifier, conv_norm_relu, single_feature
-from utils.attention import BlockAttention
+from analysis.attention import BlockAttention
 
 MAP_NAMES = ("cls", "prefix", "entropy", "offset_y", "offset_x", "spread", "attended_cls")
 MAPS_PER_HEAD = len(MAP_NAMES)

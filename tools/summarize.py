@@ -1,6 +1,6 @@
 """Tables and plots for a folder of runs (e.g. a sweep): a metric against the swept parameters, like with like.
 
-    python -m utils.summarize runs/ [--metric val/loss] [--goal min] [--params backbone.depth,barlow.proj_dim]
+    python -m tools.summarize runs/ [--metric val/loss] [--goal min] [--params backbone.depth,barlow.proj_dim]
                                     [--out DIR] [--plot final|best] [--include-unfinished]
 
 Every run directory under the folder (one holding ``config.yaml`` and ``metrics.csv``, see
@@ -271,7 +271,7 @@ def _sort_key(value: Any) -> tuple:
 
 
 def differing_fields(runs: Sequence[RunRecord]) -> list[str]:
-    from utils.sweep import config_fields
+    from tools.sweep import config_fields
 
     def bookkeeping(name: str) -> bool:
         return any(name == b or (b.endswith(".") and name.startswith(b)) for b in BOOKKEEPING)
@@ -283,7 +283,7 @@ def differing_fields(runs: Sequence[RunRecord]) -> list[str]:
 
 
 def check_params(params: Sequence[str]) -> None:
-    from utils.sweep import config_fields, unknown_name_message
+    from tools.sweep import config_fields, unknown_name_message
 
     valid = list(config_fields())
     bad = [p for p in params if p not in valid]
@@ -647,11 +647,11 @@ def _heatmap(ax: Any, summary: Summary, value: str) -> None:
 
 class _ArgParser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
-        raise SummaryError(f"{message} (see python -m utils.summarize --help)")
+        raise SummaryError(f"{message} (see python -m tools.summarize --help)")
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = _ArgParser(prog="python -m utils.summarize", description=__doc__.split("\n\n")[0])
+    p = _ArgParser(prog="python -m tools.summarize", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", help="folder holding run directories (e.g. runs/ or the --log.output_dir of a sweep)")
     p.add_argument("--metric", default="val/loss", help="metrics.csv column to summarise (default: val/loss)")
     p.add_argument("--goal", default="min", help="min or max: which value is best (default: min)")

@@ -1,8 +1,8 @@
 """wandb sweep files, checked and expanded offline, and run locally.
 
-    python -m utils.sweep sweeps/FILE.yaml --dry-run [--count N] [--seed S] [--set KEY=VALUE ...]
-    python -m utils.sweep sweeps/FILE.yaml --local   [--count N] [--seed S] [--set KEY=VALUE ...]
-    python -m utils.sweep sweeps/FILE.yaml           # check it, then print how to launch it on wandb
+    python -m tools.sweep sweeps/FILE.yaml --dry-run [--count N] [--seed S] [--set KEY=VALUE ...]
+    python -m tools.sweep sweeps/FILE.yaml --local   [--count N] [--seed S] [--set KEY=VALUE ...]
+    python -m tools.sweep sweeps/FILE.yaml           # check it, then print how to launch it on wandb
 
 A sweep file is a standard wandb sweep (``program``, ``method``, ``metric``, ``parameters``,
 ``command``). Parameter names are config fields without dashes (``backbone.depth``, ``barlow.proj_dim``,
@@ -809,11 +809,11 @@ def run_local(sweep_plan: SweepPlan, echo: bool = True, tail_lines: int = 40) ->
 
 class _ArgParser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
-        raise SweepError(f"{message} (see python -m utils.sweep --help)")
+        raise SweepError(f"{message} (see python -m tools.sweep --help)")
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = _ArgParser(prog="python -m utils.sweep", description=__doc__.split("\n\n")[0],
+    p = _ArgParser(prog="python -m tools.sweep", description=__doc__.split("\n\n")[0],
                    formatter_class=argparse.RawDescriptionHelpFormatter,
                    epilog="Without --dry-run or --local: check the file and print how to launch it on wandb.")
     p.add_argument("sweep", help="wandb sweep file (sweeps/*.yaml)")
@@ -862,7 +862,7 @@ def _print_wandb_howto(sweep_plan: SweepPlan, args: argparse.Namespace) -> None:
     print(f"  wandb agent{count} <entity>/<project>/<sweep-id>      # the id `wandb sweep` prints; one agent per GPU")
     if count:
         print(f"  ({s.method} sweeps without run_cap never end by themselves: --count bounds each agent)")
-    print(f"Offline: python -m utils.sweep {sweep_path} --dry-run   (the commands)   |   --local   (run them here)")
+    print(f"Offline: python -m tools.sweep {sweep_path} --dry-run   (the commands)   |   --local   (run them here)")
     if args.overrides:
         print("note: --set applies to --dry-run and --local only; wandb runs the file as written")
     for note in sweep_plan.notes:
@@ -901,7 +901,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"done: {len(run_dirs)} runs: {', '.join(d.name for d in run_dirs)}")
     for out in out_dirs:
         metric = f" --metric {s.metric['name']}" if s.metric else ""
-        print(f"summarise: python -m utils.summarize {out}{metric}")
+        print(f"summarise: python -m tools.summarize {out}{metric}")
     return 0
 
 

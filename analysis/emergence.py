@@ -37,7 +37,7 @@ DINO's paper keeps 60% of the mass (``keep=0.6``); the reference repository's sc
 * objects are the instances of ``SegmentationObject`` (two people are two objects, each needing a head of
   its own) instead of the classes of ``SegmentationClass``;
 * void pixels are left out of both intersection and union;
-* masks stay at their own resolution; the threshold is :func:`utils.attention.mass_threshold_masks`
+* masks stay at their own resolution; the threshold is :func:`analysis.attention.mass_threshold_masks`
   (the same mass criterion, in float64, ties to the patch that comes first).
 
 ``strict`` scores are lower than ``dino`` ones on the same maps (voids and split instances can only lower
@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from utils.attention import mass_threshold_masks
+from analysis.attention import mass_threshold_masks
 
 __all__ = ["DINO_IMG_SIZE", "PROTOCOLS", "VOID", "EmergenceScore", "best_head_jaccard", "dino_position_embedding",
            "dino_preprocess", "dino_threshold_masks", "emergence_jaccard", "image_jaccard", "jaccard_per_head",
@@ -208,7 +208,7 @@ def emergence_jaccard(attentions: Tensor, labels: Sequence[Tensor], keep: float 
                       protocol: str = "dino") -> EmergenceScore:
     """The emergence Jaccard of a batch under ``protocol`` (``dino`` or ``strict``, see the module docstring).
 
-    ``attentions``: (B, heads, h, w) CLS→patch attention (:func:`utils.attention.cls_attention`, any
+    ``attentions``: (B, heads, h, w) CLS→patch attention (:func:`analysis.attention.cls_attention`, any
     non-negative maps); ``labels``: B integer label maps (H_i, W_i), 0 background, 255 void, other ids the
     objects — ``SegmentationClass`` classes for ``dino`` (resized with the image by :func:`dino_preprocess`),
     ``SegmentationObject`` instances at their own resolution for ``strict``.

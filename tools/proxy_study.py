@@ -11,8 +11,8 @@
 Every run is `python main.py --config ...` in a subprocess, in <output-dir>/<name>/; finished runs (a
 `done` marker written after a successful exit) are skipped, so the study resumes after an interruption.
 
-    python -m utils.proxy_study --budgets 40,120 --heads linear,setr_naive,attn_fusion
-    python -m utils.proxy_study --report-only
+    python -m tools.proxy_study --budgets 40,120 --heads linear,setr_naive,attn_fusion
+    python -m tools.proxy_study --report-only
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """Reproduce the report's tables in one command: run the experiment configs, skip what already ran, and
 write the measured numbers beside the report's.
 
-    python -m utils.reproduce config/experiments/table2/*.yaml
-    python -m utils.reproduce --suite pretrain --suite table2        # config/experiments/<suite>/*.yaml
-    python -m utils.reproduce --suite table2 --smoke                   # tiny models, synthetic data, minutes
-    python -m utils.reproduce --suite table1 --dry-run                 # print the commands only
+    python -m tools.reproduce config/experiments/table2/*.yaml
+    python -m tools.reproduce --suite pretrain --suite table2        # config/experiments/<suite>/*.yaml
+    python -m tools.reproduce --suite table2 --smoke                   # tiny models, synthetic data, minutes
+    python -m tools.reproduce --suite table1 --dry-run                 # print the commands only
     options: --output-dir DIR (runs go to DIR/<run-name>, tables to DIR/reproduce/), --set KEY=VALUE (extra
              override for every config, repeatable)
 
@@ -23,7 +23,7 @@ in the table and the next config still runs; the exit status is 1 when any faile
 
 A run counts as *finished* when a directory ``<output_dir>/<run>`` (or ``<run>-<n>``) holds a
 ``config.yaml`` equal to the config that would run now (bookkeeping fields aside: ``log.*``,
-``trainer.resume``, progress bar — see utils/summarize.py) and a ``checkpoints/last.ckpt`` whose fit loop
+``trainer.resume``, progress bar — see tools/summarize.py) and a ``checkpoints/last.ckpt`` whose fit loop
 processed ``trainer.max_epochs`` epochs (or reached ``trainer.max_steps``). Lightning writes that
 checkpoint at the end of the last epoch, after its validation, so the metrics are complete; a run
 stopped early (crash, Ctrl-C) is not finished. A finished run is skipped (its numbers still go into the
@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from utils.sweep import in_repo_root
+from tools.sweep import in_repo_root
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS_DIR = REPO_ROOT / "config" / "experiments"
@@ -215,7 +215,7 @@ def config_matches(run_dir: Path, wanted: dict) -> bool:
     """The run's config.yaml is ``wanted`` (flattened), bookkeeping fields aside."""
     import yaml
 
-    from utils.summarize import BOOKKEEPING, _default_config, flatten
+    from tools.summarize import BOOKKEEPING, _default_config, flatten
 
     try:
         found = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -265,7 +265,7 @@ def glob_escape(text: str) -> str:
 def existing_run(output_dir: Path, run_name: str, argv: Sequence[str]) -> tuple[str, Optional[Path]]:
     """('finished' | 'partial', run directory) for a run of exactly this config, or ('new', None)."""
     from config.loading import parse_config, to_dict
-    from utils.summarize import flatten
+    from tools.summarize import flatten
 
     with in_repo_root():
         cfg = parse_config(list(argv))
@@ -284,7 +284,7 @@ def existing_run(output_dir: Path, run_name: str, argv: Sequence[str]) -> tuple[
 def measure(run_dir: Optional[Path], task: str) -> tuple[str, Optional[float]]:
     """(metric name, value) of a run directory: the task's metric, best or final per TASK_METRICS."""
     from lightningmodules import TASKS
-    from utils.summarize import read_run
+    from tools.summarize import read_run
 
     metric, which = TASK_METRICS.get(task, (TASKS.get(task).monitor, "final"))
     if run_dir is None or not (run_dir / "metrics.csv").is_file() or not (run_dir / "config.yaml").is_file():
@@ -522,7 +522,7 @@ def write_tables(rows: Sequence[Row], tables_dir: Path, smoke: bool) -> list[Pat
                                  "" if r.experiment.published is None else repr(r.experiment.published),
                                  "" if r.difference is None else repr(r.difference), "; ".join(r.notes)])
         lines = [f"# {group}: measured vs the report", "",
-                 f"Written by `python -m utils.reproduce` on {_dt.datetime.now():%Y-%m-%d %H:%M}. Segmentation: best "
+                 f"Written by `python -m tools.reproduce` on {_dt.datetime.now():%Y-%m-%d %H:%M}. Segmentation: best "
                  "val/mIoU over the epochs; pretraining: final val/loss; difference = measured − report.", ""]
         if smoke:
             lines += ["**Smoke mode**: tiny models, 1 epoch on synthetic data — checks the pipeline, the numbers "
@@ -539,7 +539,7 @@ def write_tables(rows: Sequence[Row], tables_dir: Path, smoke: bool) -> list[Pat
 
 # ------------------------------------------------------------------------------------------ entry point
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m utils.reproduce", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m tools.reproduce", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("configs", nargs="*", type=Path, help="experiment configs (config/experiments/*/*.yaml)")
     p.add_argument("--suite", action="append", default=[], metavar="NAME",

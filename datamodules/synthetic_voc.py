@@ -25,13 +25,12 @@ Ids are ``train_000001``, ``val_000001``, ... (sortable, unique across splits). 
 drawn from a numpy Generator seeded by ``(seed, split, i)``, so output is byte-identical for a seed
 whatever ``num_workers`` is.
 
-Command line::
+Command line (tools/synthetic_voc.py)::
 
-    python -m utils.synthetic_voc OUT_DIR --train 1000 --val 200 --size 128 --seed 0 [--workers 2]
+    python -m tools.synthetic_voc OUT_DIR --train 1000 --val 200 --size 128 --seed 0 [--workers 2]
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -61,7 +60,6 @@ __all__ = [
     "ensure_synthetic_voc",
     "render_sample",
     "cache_dir_name",
-    "main",
 ]
 
 #: Bumped whenever the generated content changes, so cached datasets of an older format are regenerated.
@@ -70,7 +68,7 @@ FORMAT_VERSION = 2  # 2: texture periods no longer scale with image size
 #: (:data:`GENERATOR_ID`), :data:`FORMAT_VERSION` and the parameters (n_train, n_val, size, seed). A folder
 #: without it is never used as a dataset, nor overwritten.
 MARKER_NAME = "synthetic_voc.json"
-GENERATOR_ID = "vitssl utils.synthetic_voc"
+GENERATOR_ID = "vitssl utils.synthetic_voc"  # an identity string written into every marker: never change it (the module moved)
 # In a temporary folder while it is being written (same JSON), so leftovers of a killed run are known as ours.
 _PARTIAL_NAME = "synthetic_voc.partial"
 # The marker cached sets carried before generated folders were marked (same keys, no "generator"): such a
@@ -661,7 +659,7 @@ def _why_not_ours(target: Path) -> Optional[str]:
         params = _own_params(target)
         if params is None:
             listing = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-            return (f"{target} is not empty and was not made by utils.synthetic_voc "
+            return (f"{target} is not empty and was not made by datamodules.synthetic_voc "
                     f"(no valid {MARKER_NAME} marker; it holds {listing})")
         foreign = _first_foreign_entry(target, _layout(*params))
     except FileNotFoundError:  # renamed away meanwhile by a run holding the lock (we check again under it)
@@ -669,7 +667,7 @@ def _why_not_ours(target: Path) -> Optional[str]:
             raise
         return None
     if foreign is not None:
-        return f"{target} was made by utils.synthetic_voc but also holds {foreign}, which it did not write"
+        return f"{target} was made by datamodules.synthetic_voc but also holds {foreign}, which it did not write"
     return None
 
 
@@ -804,67 +802,3 @@ def ensure_synthetic_voc(cache_root, n_train: int, n_val: int, size: int, seed: 
     cache_root.mkdir(parents=True, exist_ok=True)
     _build(final, n_train, n_val, size, seed, num_workers=0, reuse_complete=True)
     return final
-
-
-# ----------------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------------
-
-
-def _build_parser() -> argparse.ArgumentParser:
-    classes = ", ".join(f"{i}:{c}={CLASS_SHAPES[i]}/{CLASS_TEXTURES[i]}" for i, c in enumerate(VOC_CLASSES) if i)
-    parser = argparse.ArgumentParser(
-        prog="python -m utils.synthetic_voc",
-        description=(
-            "Generate a synthetic dataset in the Pascal VOC 2012 segmentation layout "
-            "(OUT_DIR/VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,SegmentationObject,ImageSets/Segmentation}). "
-            "Each image holds 1-3 objects; a class is given by its shape and its fine texture, never by colour. "
-            "Read it with torchvision.datasets.VOCSegmentation(OUT_DIR, year='2012', image_set='train'|'val')."
-        ),
-        epilog=f"Classes (index:name=shape/texture): {classes}",
-    )
-    parser.add_argument(
-        "out_dir", metavar="OUT_DIR",
-        help=f"root folder to write (VOCdevkit/ and the {MARKER_NAME} marker go inside it): new, empty, or a "
-        "dataset this generator wrote, which is replaced; any other folder is refused",
-    )
-    parser.add_argument("--train", type=int, default=200, metavar="N", help="training images, >= 1 (default: %(default)s)")
-    parser.add_argument("--val", type=int, default=50, metavar="M", help="validation images, >= 1 (default: %(default)s)")
-    parser.add_argument("--size", type=int, default=64, metavar="S", help="image side in px, >= 16 (default: %(default)s)")
-    parser.add_argument(
-        "--seed", type=int, default=0, metavar="K",
-        help="random seed, >= 0; the same seed gives byte-identical files (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--workers", "--num-workers", dest="workers", type=int, default=0, metavar="W",
-        help="worker processes; 0 renders in this process; output does not depend on it (default: %(default)s)",
-    )
-    return parser
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = _build_parser()
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    try:
-        root = generate_synthetic_voc(
-            args.out_dir, args.train, args.val, args.size, args.seed, num_workers=args.workers
-        )
-    except ValueError as exc:
-        parser.error(str(exc))
-    except ForeignDirectoryError as exc:  # nothing was written: a usage error, like a bad flag
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: could not write {args.out_dir}: {exc}", file=sys.stderr)
-        return 1
-    elapsed = time.perf_counter() - start
-    print(
-        f"wrote {args.train} train + {args.val} val images of {args.size}x{args.size} px (seed {args.seed}) "
-        f"to {_voc_dir(root).resolve()} in {elapsed:.2f} s"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
