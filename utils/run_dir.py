@@ -204,7 +204,7 @@ def save_code_state(run_dir: Path) -> None:
 
 def installed_packages() -> str:
     """Python version and every installed distribution as ``name==version`` (the format of
-    requirements-lock.txt, so the two can be diffed)."""
+    requirements.lock, so the two can be diffed)."""
     import platform
     from importlib import metadata
 
