@@ -52,7 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except trainer.RunStopped as err:
         print(f"{err}", file=sys.stderr)
-        return 128 + int(err.signum)
+        return 128 + int(err.signum)  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
     except (DataError, WeightLoadingError, NonFiniteLossError, NonFiniteStateError, CheckpointWriteError) as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 1

@@ -257,11 +257,6 @@ def flush_csv(trainer: pl.Trainer) -> None:
 
 # -- signals -------------------------------------------------------------------------------------------
 
-#: exit status of a run stopped by a signal: 128 + the signal number (the shell's convention)
-def signal_exit_status(signum: int) -> int:
-    return 128 + int(signum)
-
-
 class StopOnSignal(pl.Callback):
     """SIGTERM (schedulers, preemption) and SIGINT (Ctrl-C) stop training at the next step boundary with a
     checkpoint of that step (see :class:`RunCheckpoint`), and the process exits 143 / 130.
