@@ -232,21 +232,11 @@ def config_matches(run_dir: Path, wanted: dict) -> bool:
 
 
 def training_finished(run_dir: Path, max_epochs: int, max_steps: int) -> bool:
-    """last.ckpt says the fit loop processed max_epochs epochs (or took max_steps steps)."""
-    import torch
+    """last.ckpt says the fit loop processed max_epochs epochs (or took max_steps steps); the one definition of a
+    finished run is tools.summarize.run_progress."""
+    from tools.summarize import run_progress
 
-    path = run_dir / LAST_CHECKPOINT
-    if not path.is_file():
-        return False
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # a checkpoint cut short by a crash: not finished
-        return False
-    if max_steps > 0 and int(state.get("global_step", 0)) >= max_steps:
-        return True
-    progress = state.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("total", {})
-    epochs = progress.get("processed", state.get("epoch", 0))
-    return max_epochs > 0 and int(epochs) >= max_epochs
+    return run_progress(run_dir, {"trainer.max_epochs": max_epochs, "trainer.max_steps": max_steps}).finished
 
 
 def candidate_dirs(output_dir: Path, run_name: str) -> list[Path]:
