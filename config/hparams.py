@@ -201,6 +201,101 @@ class BarlowConfig:
 
 
 @dataclass
+class DinoConfig:
+    """DINO self-distillation (Caron et al., 2021; task=dino). Every default is the official code's
+    (facebookresearch/dino, main_dino.py). The global crops use the aug.* recipe (their scale range
+    aug.crop_scale_min/max; --task=dino sets DINO's 0.4-1 and the other official values of shared
+    fields, see TASK_DEFAULTS below); the local crops are set here."""
+
+    out_dim: int = 65536
+    """Width K of the projection head's last layer (the number of prototypes the softmax is over;
+    official: 65536)."""
+
+    hidden_dim: int = 2048
+    """Hidden width of the projection head's MLP (official: 2048)."""
+
+    bottleneck_dim: int = 256
+    """Width of the head's bottleneck, the L2-normalised features before its last layer (official: 256)."""
+
+    head_layers: int = 3
+    """Linear layers of the head's MLP before the bottleneck output, GELU between them (official: 3)."""
+
+    norm_last_layer: bool = True
+    """Weight-normalise the head's last layer with its norm fixed at 1 (official: true; false trains the
+    norm, which the official code suggests for ViT-S only as an unstable but better option)."""
+
+    use_bn_in_head: bool = False
+    """BatchNorm in the head's MLP (official: false for ViTs)."""
+
+    momentum_teacher: float = 0.996
+    """Base EMA momentum of the teacher; it rises to 1 on a cosine schedule over training, stepped every
+    iteration (official: 0.996)."""
+
+    student_temp: float = 0.1
+    """Softmax temperature of the student's outputs (official: 0.1)."""
+
+    teacher_temp: float = 0.04
+    """Softmax temperature of the teacher's outputs after warmup_teacher_temp_epochs (official: 0.04;
+    the official code suggests up to 0.07, with a warmup from 0.04)."""
+
+    warmup_teacher_temp: float = 0.04
+    """Teacher temperature at the start; it rises linearly to teacher_temp over warmup_teacher_temp_epochs
+    (official: 0.04)."""
+
+    warmup_teacher_temp_epochs: int = 0
+    """Epochs of the teacher-temperature warmup (official: 0; 30 with teacher_temp 0.07)."""
+
+    center_momentum: float = 0.9
+    """EMA momentum of the center subtracted from the teacher's outputs (official: 0.9)."""
+
+    freeze_last_layer_epochs: int = 1
+    """Epochs during which the head's last layer gets no update (official: 1)."""
+
+    weight_decay_end: float = 0.4
+    """Final weight decay; it rises from optim.weight_decay on a cosine schedule, stepped every iteration
+    (official: 0.04 to 0.4)."""
+
+    clip_grad: float = 3.0
+    """Clip each parameter's gradient norm to this value separately, as the official clip_gradients does
+    (0 = off; official: 3.0). Independent of trainer.gradient_clip_val (a global norm)."""
+
+    local_crops_number: int = 8
+    """Number of small local crops per image besides the 2 global ones (0 = none; official: 8)."""
+
+    local_crops_scale_min: float = 0.05
+    """Local crops' RandomResizedCrop: smallest area as a fraction of the image (official: 0.05)."""
+
+    local_crops_scale_max: float = 0.4
+    """Local crops' RandomResizedCrop: largest area as a fraction of the image (official: 0.4)."""
+
+    local_crop_size: int = 0
+    """Side of the local crops in pixels (0 = data.img_size × 96/224 rounded to a multiple of the patch size:
+    the official 96 px at 224 px inputs)."""
+
+    local_blur_prob: float = 0.5
+    """Probability of blurring a local crop (official: 0.5; the global crops use aug.blur_prob_1/2 = 1.0/0.1
+    and aug.solarize_prob_1/2 = 0/0.2, DINO's values)."""
+
+
+TASK_DEFAULTS: dict[str, dict[str, object]] = {
+    "dino": {
+        # The official DINO recipe where it differs from this file's defaults (main_dino.py's arguments).
+        "optim.name": "adamw",
+        "optim.lr": 0.0005,
+        "optim.lr_scaling": "linear",  # lr × global batch / 256
+        "optim.weight_decay": 0.04,  # the start of the cosine schedule to dino.weight_decay_end
+        "optim.warmup_epochs": 10.0,
+        "optim.min_lr_ratio": 0.002,  # official min_lr 1e-6 = 0.002 × 0.0005 (exact at global batch 256)
+        "backbone.drop_path_rate": 0.1,
+        "aug.crop_scale_min": 0.4,  # global crops 0.4-1
+        "trainer.max_epochs": 100,
+    },
+}
+"""Default values a task replaces (before YAML files and flags, which still win): ``--task=dino`` alone
+gives the official DINO recipe; ``python main.py --task=dino --help`` shows them as the defaults."""
+
+
+@dataclass
 class SegmentationConfig:
     """Semantic segmentation on VOC 2012 (task=segmentation): frozen backbone + a light head."""
 
@@ -545,11 +640,12 @@ class LogConfig:
 
 @dataclass
 class Hparams:
-    """vitssl: Barlow Twins pretraining of ViTs / ResNet-50 on Pascal VOC 2012."""
+    """vitssl: Barlow Twins and DINO pretraining of ViTs / ResNet-50 on Pascal VOC 2012, and segmentation."""
 
     task: str = "barlow_twins"
-    """What to run: 'barlow_twins' (self-supervised pretraining) or 'segmentation' (VOC 2012 semantic
-    segmentation with a frozen backbone and a light head)."""
+    """What to run: 'barlow_twins' or 'dino' (self-supervised pretraining; dino also replaces some defaults
+    by DINO's official ones, see --task=dino --help) or 'segmentation' (VOC 2012 semantic segmentation
+    with a frozen backbone and a light head)."""
 
     seed: int = 42
     """Global random seed (same seed + config + machine = same numbers)."""
@@ -558,6 +654,7 @@ class Hparams:
     aug: AugmentConfig = field(default_factory=AugmentConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     barlow: BarlowConfig = field(default_factory=BarlowConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

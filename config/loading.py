@@ -1,6 +1,7 @@
 """Building an :class:`Hparams` from defaults, YAML files and command-line flags.
 
-Precedence, later wins: dataclass defaults < a resumed run's ``config.yaml`` < ``--config`` YAML files
+Precedence, later wins: dataclass defaults < the chosen task's defaults (``config.hparams.TASK_DEFAULTS``)
+< a resumed run's ``config.yaml`` < ``--config`` YAML files
 (in the order given) < ``--group.field=VALUE`` flags. YAML files are checked strictly (unknown keys and
 wrongly typed values are errors) because simple-parsing silently ignores a YAML of the wrong shape.
 """
@@ -19,7 +20,7 @@ import yaml
 from simple_parsing import ArgumentGenerationMode, ArgumentParser, NestedMode
 
 from config.help import EPILOG, USAGE, HelpFormatter, retitle_groups
-from config.hparams import Hparams
+from config.hparams import TASK_DEFAULTS, Hparams
 
 
 class ConfigError(ValueError):
@@ -151,12 +152,43 @@ def _config_files(argv: Sequence[str]) -> list[str]:
     return known.config
 
 
-def _layered(argv: Sequence[str], base: Optional[dict]) -> Hparams:
+def _chosen_task(argv: Sequence[str], base: Optional[dict], files: list[dict]) -> str:
+    """The task the layers choose (flag > YAML files > resumed config > default), to pick its defaults."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--task", default=None)
+    flag, _ = pre.parse_known_args(list(argv))
+    if flag.task is not None:
+        return flag.task
+    for mapping in reversed([base or {}, *files]):
+        if isinstance(mapping, dict) and isinstance(mapping.get("task"), str):
+            return mapping["task"]
+    return Hparams().task
+
+
+def task_defaults(task: str) -> Hparams:
+    """The dataclass defaults with ``task`` set and that task's own defaults applied."""
     default = Hparams()
+    default.task = task
+    for dotted, value in TASK_DEFAULTS.get(task, {}).items():
+        apply_mapping(default, _nested(dotted, value), f"task defaults of {task!r}")
+    return default
+
+
+def _nested(dotted: str, value: Any) -> dict:
+    group, _, name = dotted.rpartition(".")
+    mapping: dict = {name: value}
+    for part in reversed(group.split(".") if group else []):
+        mapping = {part: mapping}
+    return mapping
+
+
+def _layered(argv: Sequence[str], base: Optional[dict]) -> Hparams:
+    files = [load_yaml(path) for path in _config_files(argv)]
+    default = task_defaults(_chosen_task(argv, base, files))
     if base is not None:
         apply_mapping(default, base, "resumed run's config.yaml")
-    for path in _config_files(argv):
-        apply_mapping(default, load_yaml(path), str(path))
+    for path, mapping in zip(_config_files(argv), files):
+        apply_mapping(default, mapping, str(path))
     return build_parser(default).parse_args(list(argv)).hp
 
 

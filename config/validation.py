@@ -210,6 +210,29 @@ def segmentation_values(cfg: Hparams) -> None:
         raise ConfigError(f"--segmentation.head_weights: file {s.head_weights!r} does not exist")
 
 
+def dino_values(cfg: Hparams) -> None:
+    """DINO's own settings (task=dino)."""
+    d = cfg.dino
+    for name in ("out_dim", "hidden_dim", "bottleneck_dim", "head_layers"):
+        _positive(getattr(d, name), f"--dino.{name}")
+    for name in ("momentum_teacher", "center_momentum"):
+        if not 0 <= getattr(d, name) <= 1:
+            raise ConfigError(f"--dino.{name} must be in [0, 1], got {getattr(d, name)}")
+    for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+        _positive(getattr(d, name), f"--dino.{name}")
+    for name in ("warmup_teacher_temp_epochs", "freeze_last_layer_epochs", "local_crops_number", "local_crop_size"):
+        if getattr(d, name) < 0:
+            raise ConfigError(f"--dino.{name} must be >= 0, got {getattr(d, name)}")
+    if d.weight_decay_end < 0:
+        raise ConfigError(f"--dino.weight_decay_end must be >= 0, got {d.weight_decay_end}")
+    if d.clip_grad < 0:
+        raise ConfigError(f"--dino.clip_grad must be >= 0 (0 = off), got {d.clip_grad}")
+    if not 0 < d.local_crops_scale_min <= d.local_crops_scale_max <= 1:
+        raise ConfigError(f"--dino.local_crops_scale_min/max must satisfy 0 < min <= max <= 1, got "
+                          f"{d.local_crops_scale_min} and {d.local_crops_scale_max}")
+    _probability(d.local_blur_prob, "--dino.local_blur_prob")
+
+
 def callback_values(cfg: Hparams) -> None:
     c = cfg.callbacks
     _positive(c.every_n_epochs, "--callbacks.every_n_epochs")
@@ -235,6 +258,8 @@ def validate_values(cfg: Hparams) -> None:
     training_values(cfg)
     if cfg.task == "segmentation":
         segmentation_values(cfg)
+    if cfg.task == "dino":
+        dino_values(cfg)
     callback_values(cfg)
     if not cfg.log.output_dir:
         raise ConfigError("--log.output_dir must not be empty")
@@ -381,6 +406,10 @@ def validate_components(cfg: Hparams) -> None:
     from lightningmodules import TASKS
 
     _registered(TASKS, cfg.task, "--task")
+    task_check = TASKS.get(cfg.task).check_config
+    problem = task_check(cfg) if task_check is not None else None
+    if problem:
+        raise ConfigError(problem)
     backbone_components(cfg)
     augment_components(cfg)
     training_components(cfg)

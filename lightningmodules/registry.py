@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import pytorch_lightning as pl
 
@@ -21,6 +21,9 @@ class Task:
     """'min' or 'max' for ``monitor``."""
     metrics: tuple[str, ...] = ()
     """Every metric name the task logs (metrics.csv columns and wandb keys), for checking sweep metrics."""
+    check_config: Optional[Callable[[Hparams], Optional[str]]] = None
+    """The task's own check of a config that chose it (e.g. which backbones it trains), run by
+    config.validation before any data or model is touched: a one-line problem naming the flag, or None."""
 
 
 TASKS: Registry[Task] = Registry("task")
