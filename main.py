@@ -27,9 +27,10 @@ def _one_line(err: BaseException) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from utils.quiet import silence_known_noise
+    from utils.quiet import silence_known_noise  # local: the warning filters go in before any library loads
 
     silence_known_noise()  # libraries' tips and deprecations that concern neither the user nor this code
+    # local: after the warning filters, so the libraries these import start quiet
     from config.loading import ConfigError, parse_config
     from config.validation import validate
 
@@ -39,6 +40,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+    # local: torch and Lightning load only for a valid config (a config error is reported without them)
     import trainer
     from callbacks.checkpointing import CheckpointWriteError, NonFiniteStateError
     from callbacks.finite_loss import NonFiniteLossError

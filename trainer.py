@@ -18,11 +18,14 @@ from callbacks.finite_loss import FiniteLossGuard
 from callbacks.model_summary import RunModelSummary
 from callbacks.rng_state import RNGStateCheckpoint
 from config.hparams import Hparams
-from config.loading import save_config, to_dict
+from config.loading import ConfigError, save_config, to_dict
+from config.resume import CHECKPOINT_DIR, read_checkpoint
+from datamodules.images import DataError
 from lightningmodules import TASKS, Task
+from models.weights import WeightLoadingError
 from utils.loggers import RunCSVLogger, build_wandb_logger, effective_wandb_mode
 from utils.optim import lr_scaling_note
-from utils.run_dir import CHECKPOINT_DIR, global_rank, prepare_run_dir, read_checkpoint, run_meta
+from utils.run_dir import global_rank, prepare_run_dir, run_meta
 from utils.tuning import tune
 
 log = logging.getLogger(__name__)
@@ -77,8 +80,6 @@ def build_callbacks(cfg: Hparams, task: Task, ckpt_dir: Path, meta: Optional[dic
 def check_checkpoint_fits(module: pl.LightningModule, ckpt: dict, path: str) -> None:
     """A resumed checkpoint must hold exactly the module's tensors, with the same shapes: else the config
     describes another architecture (e.g. a changed --backbone.depth) and nothing may be written."""
-    from config.loading import ConfigError
-
     theirs = ckpt.get("state_dict", {})
     ours = module.state_dict()
     missing = [k for k in ours if k not in theirs]
@@ -242,9 +243,6 @@ def _remove_if_nothing_to_keep(run_dir: Path) -> None:
 
 
 def run(cfg: Hparams) -> Run:
-    from datamodules.images import DataError
-    from models.weights import WeightLoadingError
-
     built = build(cfg)
     try:
         return fit(built)

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from analysis.attention import mass_threshold_masks
+from datamodules.errors import DataError
 
 __all__ = ["DINO_IMG_SIZE", "PROTOCOLS", "VOID", "EmergenceScore", "best_head_jaccard", "dino_position_embedding",
            "dino_preprocess", "dino_threshold_masks", "emergence_jaccard", "image_jaccard", "jaccard_per_head",
@@ -228,8 +229,6 @@ def dino_preprocess(image_path: str | Path, mask_path: str | Path, size: int = D
     is not a palette/grey PNG, or the two differ in size.
     """
     from PIL import Image
-
-    from datamodules.images import DataError
 
     try:
         with Image.open(image_path) as img:

@@ -9,8 +9,8 @@ smaller than the theoretical receptive field; for a ViT: global from the first b
 * :func:`effective_receptive_field` computes the map for any model and any layer inside it;
   :func:`centre_patch_box` locates a ViT's centre patch in it.
 * :func:`resolve_layers` turns a ``--callbacks.erf_layers`` spec into layers of our backbones (ViT block
-  indices, ResNet stage names); :func:`erf_model` gives the module to differentiate.
-* :func:`check_erf_layers` validates the spec from the config alone (no weights built).
+  indices, ResNet stage names); :func:`erf_model` gives the module to differentiate. (The spec is checked from
+  the config alone, before any weights exist, by ``callbacks.checks.check_erf_layers``.)
 
 Gradients never touch parameter ``.grad`` (``torch.autograd.grad`` on the input only), the computation
 leaves ``torch.inference_mode`` when called inside it (Lightning validation), runs its own forward pass on
@@ -179,23 +179,18 @@ def _is_resnet_trunk(module) -> bool:
     return isinstance(module, nn.Module) and hasattr(module, "layer4")
 
 
-def erf_model(obj: nn.Module) -> nn.Module:
+def erf_model(obj: Optional[nn.Module]) -> nn.Module:
     """The module to differentiate: the timm VisionTransformer, or the ResNet trunk (a torchvision ResNet or
-    DeepLab's IntermediateLayerGetter). ``obj``: a LightningModule of either task, a backbone, or the model."""
-    from callbacks.visual import backbone_of
-
-    candidates = [obj]
-    backbone = backbone_of(obj) if hasattr(obj, "backbone") or hasattr(obj, "model") else None
-    if backbone is not None:
-        candidates.insert(0, backbone)
-    for candidate in candidates:
-        for module in (candidate, getattr(candidate, "vit", None), getattr(candidate, "model", None)):
-            if _is_vit(module) or _is_resnet_trunk(module):
-                return module
+    DeepLab's IntermediateLayerGetter). ``obj``: one of our backbones, or the ViT / trunk itself (the callbacks
+    pass the backbone of their LightningModule, ``callbacks.visual.backbone_of``)."""
+    for module in (obj, getattr(obj, "vit", None), getattr(obj, "model", None)):
+        if _is_vit(module) or _is_resnet_trunk(module):
+            return module
     raise ValueError(f"{FLAG}: effective receptive fields need a ViT or ResNet backbone, not {type(obj).__name__}")
 
 
-def _vit_indices(depth: int, spec: str) -> list[int]:
+def vit_layer_indices(depth: int, spec: str) -> list[int]:
+    """The block indices ``spec`` names in a ``depth``-block ViT (see :func:`resolve_layers`)."""
     if depth < 1:
         raise ValueError(f"{FLAG}: the ViT has no blocks")
     valid = f"valid: block indices 0..{depth - 1} (or -{depth}..-1 from the end), comma-separated, e.g. 0,{depth - 1}"
@@ -219,7 +214,8 @@ def _vit_indices(depth: int, spec: str) -> list[int]:
     return indices
 
 
-def _resnet_names(spec: str) -> list[str]:
+def resnet_layer_names(spec: str) -> list[str]:
+    """The ResNet layer names ``spec`` names (see :func:`resolve_layers`)."""
     parts = [part.strip() for part in spec.split(",") if part.strip()]
     if not parts:
         return ["layer1", "layer2", "layer3", "layer4"]
@@ -243,29 +239,5 @@ def resolve_layers(obj: nn.Module, spec: str) -> list[tuple[str, nn.Module]]:
     """
     model = erf_model(obj)
     if _is_vit(model):
-        return [(f"blocks.{i}", model.blocks[i]) for i in _vit_indices(len(model.blocks), spec)]
-    return [(name, getattr(model, name)) for name in _resnet_names(spec)]
-
-
-def check_erf_layers(cfg) -> Optional[str]:
-    """Why ``cfg.callbacks.erf_layers`` cannot work with ``cfg.backbone`` (a one-line message naming the
-    flag), or None. Built from the config alone (a ViT's depth from its architecture, no weights). Only
-    checked when ``cfg.callbacks.erf`` is on; a backbone name that is itself invalid is left to its own check."""
-    if not cfg.callbacks.erf:
-        return None
-    from models.backbones import check_backbone_name, is_vit
-    from models.backbones.vit import resolve_architecture
-    from utils.registry import UnknownNameError
-
-    try:
-        check_backbone_name(cfg.backbone.name)
-    except UnknownNameError:
-        return None
-    try:
-        if is_vit(cfg.backbone.name):
-            _vit_indices(resolve_architecture(cfg.backbone)["depth"], cfg.callbacks.erf_layers)
-        elif cfg.backbone.name == "resnet50":
-            _resnet_names(cfg.callbacks.erf_layers)
-    except ValueError as err:
-        return str(err)
-    return None
+        return [(f"blocks.{i}", model.blocks[i]) for i in vit_layer_indices(len(model.blocks), spec)]
+    return [(name, getattr(model, name)) for name in resnet_layer_names(spec)]

@@ -7,6 +7,10 @@ every head, their mean, the mean map's mass-threshold mask over the image, and e
 that head's colour (DINO's ``th_attn``, keeping ``--callbacks.attention_keep`` of the attention mass).
 Attention probabilities are recomputed from the block weights (:mod:`analysis.attention`), so fused attention
 stays on for training.
+
+A module with several backbones (:func:`callbacks.visual.named_backbones`; DINO: teacher and student) gets
+one set of figures per backbone, the role in the name: ``media/attention_teacher_e<epoch>.png`` (wandb
+``media/attention_teacher``), ``attention_student_b<block>_e<epoch>.png``, and so on.
 """
 from __future__ import annotations
 
@@ -17,9 +21,10 @@ import numpy as np
 import pytorch_lightning as pl
 from torch import Tensor
 
-from callbacks.visual import (VisualisationCallback, cls_attention_problem, denormalise, eval_mode, save_figure,
-                              subplots, vit_of)
+from callbacks.visual import (VisualisationCallback, cls_attention_problem, denormalise, eval_mode, named_backbones,
+                              save_figure, vit_in)
 from analysis.attention import cls_attentions, mass_threshold_masks
+from utils.figures import subplots
 
 CELL_INCHES = 1.7
 HEATMAP = "inferno"
@@ -35,12 +40,19 @@ class AttentionMapCallback(VisualisationCallback):
         self.keep = keep
 
     # -- checks and naming -------------------------------------------------------------------------
+    def vits(self, pl_module: pl.LightningModule) -> dict[str, object]:
+        """role → the ViT of each backbone (:func:`callbacks.visual.named_backbones`; None for a CNN)."""
+        return {role: vit_in(backbone) for role, backbone in named_backbones(pl_module).items()}
+
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[str]:
-        vit = vit_of(pl_module)
-        problem = cls_attention_problem(vit)
-        if problem:
-            return problem
-        depth = len(vit.blocks)
+        vits = self.vits(pl_module)
+        if not vits:
+            return cls_attention_problem(None)
+        for role, vit in vits.items():
+            problem = cls_attention_problem(vit)
+            if problem:
+                return f"{role} backbone: {problem}" if role else problem
+        depth = min(len(vit.blocks) for vit in vits.values())
         bad = [b for b in self.blocks if not -depth <= b < depth]
         if bad:
             return (f"--callbacks.attention_blocks: block(s) {', '.join(map(str, bad))} out of range for a "
@@ -54,38 +66,45 @@ class AttentionMapCallback(VisualisationCallback):
         last = depth - 1
         return [last] + sorted({b % depth for b in self.blocks if -depth <= b < depth} - {last})
 
-    def stem(self, block: int, depth: int, tag: str) -> str:
-        """``attention_<tag>`` for the last block, ``attention_b<block:02d>_<tag>`` for the others."""
-        return f"{self.name}_{tag}" if block == depth - 1 else f"{self.name}_b{block:02d}_{tag}"
+    def stem(self, block: int, depth: int, tag: str, role: str = "") -> str:
+        """``attention[_<role>]_<tag>`` for the last block, ``attention[_<role>]_b<block:02d>_<tag>`` for the
+        others (no role for a module with one backbone)."""
+        name = f"{self.name}_{role}" if role else self.name
+        return f"{name}_{tag}" if block == depth - 1 else f"{name}_b{block:02d}_{tag}"
 
     # -- drawing -----------------------------------------------------------------------------------
-    def figures(self, trainer: pl.Trainer, pl_module: pl.LightningModule, images: Tensor) -> list[tuple[int, object]]:
-        """(block, figure) for the last block and each requested block, from one forward pass."""
-        vit = vit_of(pl_module)
+    def figures(self, trainer: pl.Trainer, pl_module: pl.LightningModule, images: Tensor,
+                role: str = "") -> list[tuple[int, object]]:
+        """(block, figure) of the ``role`` backbone for the last block and each requested block, from one
+        forward pass."""
+        vit = self.vits(pl_module)[role]
         depth = len(vit.blocks)
         blocks = self.block_indices(depth)
         maps = cls_attentions(vit, images, blocks)
         shown = images.detach().float().cpu()
         return [(b, attention_figure(shown, maps[b].cpu(), block=b, depth=depth, epoch=trainer.current_epoch,
-                                     keep=self.keep)) for b in blocks]
+                                     keep=self.keep, role=role)) for b in blocks]
 
     def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, images: Tensor):
-        """The last block's figure (``render`` draws every block)."""
-        vit = vit_of(pl_module)
+        """The last block's figure of the first backbone (``render`` draws every block of every backbone)."""
+        role, vit = next(iter(self.vits(pl_module).items()))
         depth = len(vit.blocks)
         maps = cls_attentions(vit, images, [depth - 1])
         return attention_figure(images.detach().float().cpu(), maps[depth - 1].cpu(), block=depth - 1, depth=depth,
-                                epoch=trainer.current_epoch, keep=self.keep)
+                                epoch=trainer.current_epoch, keep=self.keep, role=role)
 
     def render(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> Optional[Path]:
-        with eval_mode(pl_module):
-            figures = self.figures(trainer, pl_module, self.images(trainer, pl_module.device))
-        depth = len(vit_of(pl_module).blocks)
+        """Every figure of every backbone; returns the path of the first backbone's last-block figure."""
+        images = self.images(trainer, pl_module.device)
         main_path = None
-        for block, figure in figures:
-            path = save_figure(trainer, figure, self.stem(block, depth, tag))
-            if block == depth - 1:
-                main_path = path
+        for role, vit in self.vits(pl_module).items():
+            with eval_mode(pl_module):
+                figures = self.figures(trainer, pl_module, images, role)
+            depth = len(vit.blocks)
+            for block, figure in figures:
+                path = save_figure(trainer, figure, self.stem(block, depth, tag, role))
+                if block == depth - 1 and main_path is None:
+                    main_path = path
         return main_path
 
 
@@ -105,13 +124,15 @@ def _hex_rgb(colour: str) -> np.ndarray:
     return np.array([int(colour[k:k + 2], 16) / 255 for k in (1, 3, 5)])
 
 
-def attention_figure(images: Tensor, attn: Tensor, block: int, depth: int, epoch: int, keep: float = 0.6):
+def attention_figure(images: Tensor, attn: Tensor, block: int, depth: int, epoch: int, keep: float = 0.6,
+                     role: str = ""):
     """The DINO picture for one block, composed into one RGB canvas drawn with a single ``imshow`` (a grid
     of dozens of matplotlib axes costs seconds per figure; this costs a fraction of that).
 
     ``images``: (B, 3, H, W) ImageNet-normalised; ``attn``: (B, heads, H/p, W/p) CLS attention
     (:func:`analysis.attention.cls_attention`). Each heat map is scaled from its own min to its max; the
-    number under it is max / mean (≈1: uniform attention).
+    number under it is max / mean (≈1: uniform attention). ``role`` (e.g. ``teacher``) names the backbone in
+    the title when a module has several.
     """
     import matplotlib
 
@@ -171,7 +192,8 @@ def attention_figure(images: Tensor, attn: Tensor, block: int, depth: int, epoch
         ax.text(col * (width + gap) + width / 2, row * (height + gap) + height + 1, f"max/mean {text}",
                 ha="center", va="top", fontsize=6)
     which = f"block {block} (the last of {depth})" if block == depth - 1 else f"block {block} (of 0..{depth - 1})"
-    figure.suptitle(f"CLS-token attention · {which} · epoch {epoch}\n"
+    whose = f"{role} " if role else ""
+    figure.suptitle(f"{whose}CLS-token attention · {which} · epoch {epoch}\n"
                     f"each map scaled from its min to its max (below it: max / mean) · "
                     f"masks keep {keep:.0%} of the attention mass", fontsize=10)
     figure.subplots_adjust(left=0.03, right=0.99, bottom=0.02, top=1 - 0.9 / (cell * batch * 1.12 + 0.9))

@@ -1,4 +1,7 @@
-"""``val/attn_jaccard``: DINO's emergence number, tracked during Barlow Twins pretraining of a ViT.
+"""``val/attn_jaccard``: DINO's emergence number, tracked during Barlow Twins or DINO pretraining of a ViT.
+
+It reads the backbone evaluation probes read (:func:`callbacks.visual.backbone_of`): DINO's teacher, as the
+paper measures it; the one backbone of a Barlow Twins run.
 
 On a fixed, evenly spaced subset of the validation images that have the protocol's masks (the same images
 every time), the last block's CLS-attention heads are thresholded to ``--callbacks.attention_keep`` of their
@@ -31,6 +34,10 @@ from torch import Tensor
 
 from callbacks.visual import cls_attention_problem, eval_mode, vit_of
 from analysis.attention import cls_attention
+from datamodules.barlow_twins import evenly_spaced
+from datamodules.images import DataError
+from datamodules.segmentation import load_mask
+from datamodules.voc import image_path, read_split, voc_dir
 from analysis.emergence import (DINO_IMG_SIZE, EmergenceScore, check_protocol, dino_position_embedding,
                              dino_preprocess, emergence_jaccard, label_folders, normalize)
 
@@ -80,8 +87,6 @@ def rewrite_after_resume(trainer: pl.Trainer, last: Optional[dict]) -> None:
 def label_path(root: Path, image_id: str, protocol: str = "strict") -> Optional[Path]:
     """The image's mask for ``protocol``: ``dino`` its class mask; ``strict`` its instance mask
     (``SegmentationObject``) if present, else its class mask. None when it has none."""
-    from datamodules.voc import voc_dir
-
     for folder in label_folders(protocol):
         path = voc_dir(root) / folder / f"{image_id}.png"
         if path.is_file():
@@ -92,16 +97,11 @@ def label_path(root: Path, image_id: str, protocol: str = "strict") -> Optional[
 def emergence_ids(root: Path, limit: int, protocol: str = "strict", split: str = "val") -> list[str]:
     """At most ``limit`` ids of ``split`` with a mask for ``protocol``, evenly spaced over the split
     (deterministic); ``limit`` <= 0: all of them."""
-    from datamodules.barlow_twins import evenly_spaced
-    from datamodules.voc import read_split
-
     return evenly_spaced([i for i in read_split(root, split) if label_path(root, i, protocol) is not None], limit)
 
 
 def load_labels(path: Path) -> Tensor:
     """A VOC palette PNG of ids (class or instance ids, 0 background, 255 void) as uint8 (h, w)."""
-    from datamodules.segmentation import load_mask
-
     return load_mask(path, num_classes=255)  # instance ids go beyond the 21 classes; 255 stays void
 
 
@@ -109,9 +109,6 @@ def load_example(root: Path, image_id: str, img_size: int, protocol: str) -> tup
     """One image as uint8 (3, img_size, img_size), resized with PIL as the reference code does, and its label
     map: ``dino`` the class mask resized with it (nearest), ``strict`` the mask at its own resolution.
     A missing mask, an unreadable file or a mask whose size differs from its image's is a DataError."""
-    from datamodules.images import DataError
-    from datamodules.voc import image_path
-
     path = label_path(root, image_id, protocol)
     if path is None:
         raise DataError(f"image {image_id} has no {' or '.join(label_folders(protocol))} mask under {root}")

@@ -7,15 +7,15 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from callbacks.visual import VisualisationCallback, denormalise, subplots
+from callbacks.visual import VisualisationCallback, denormalise
 from datamodules.segmentation import IGNORE_INDEX, load_mask
+from datamodules.synthetic_voc import VOC_PALETTE
 from datamodules.voc import VOC_CLASSES
+from utils.figures import subplots
 
 
 def voc_palette() -> np.ndarray:
     """The standard VOC colour map as (256, 3) uint8 (255 → the void colour)."""
-    from datamodules.synthetic_voc import VOC_PALETTE
-
     return np.asarray(VOC_PALETTE, dtype=np.uint8).reshape(256, 3)
 
 

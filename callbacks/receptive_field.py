@@ -3,7 +3,8 @@
 One heatmap per layer (``--callbacks.erf_layers``: ViT block indices or ResNet stage names; empty = a
 spread of 4), each the gradient magnitude of the layer's centre unit with respect to the input pixels,
 averaged over ``--callbacks.erf_images`` validation images (see :mod:`analysis.receptive_field`). Written to
-``<run>/media/erf_e<epoch>.png`` and wandb ``media/erf``.
+``<run>/media/erf_e<epoch>.png`` and wandb ``media/erf``. The backbone is the one evaluation probes read
+(:func:`callbacks.visual.backbone_of`): DINO's teacher, named in the title.
 
 Scale (one shared colour bar either way):
 
@@ -35,12 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from callbacks.visual import subplots, VisualisationCallback
+from callbacks.visual import VisualisationCallback, backbone_of, evaluated_role
 from analysis.receptive_field import (
-    centre_patch_box, check_erf_layers, effective_receptive_field, erf_model, resolve_layers,
+    centre_patch_box, effective_receptive_field, erf_model, resolve_layers,
 )
+from utils.figures import subplots
 
-__all__ = ["ReceptiveFieldCallback", "check_erf_layers", "plot_receptive_fields"]  # check_erf_layers: for config validation
+__all__ = ["ReceptiveFieldCallback", "plot_receptive_fields"]
 
 CMAP = "inferno"
 LOG_VMIN = 1e-3  # the log scale shows three decades below the peak
@@ -130,15 +132,15 @@ class ReceptiveFieldCallback(VisualisationCallback):
 
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[str]:
         try:
-            resolve_layers(pl_module, self.layers)
+            resolve_layers(backbone_of(pl_module), self.layers)
         except ValueError as err:
             return str(err)
         return None
 
     def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, images: Tensor):
-        model = erf_model(pl_module)
+        model = erf_model(backbone_of(pl_module))
         maps = {name: effective_receptive_field(model, images, layer, chunk_size=CHUNK_SIZE).cpu()
-                for name, layer in resolve_layers(pl_module, self.layers)}
+                for name, layer in resolve_layers(model, self.layers)}
         h, w = images.shape[-2:]
         box = centre_patch_box(model, (h, w))
         boxes = {name: box for name in maps} if box is not None else None
@@ -149,6 +151,8 @@ class ReceptiveFieldCallback(VisualisationCallback):
                      "outside the centre patch (outlined, saturated)")
         else:
             scale = "per pixel, each panel / its peak"
-        title = (f"Effective receptive fields of the centre unit, epoch {trainer.current_epoch}: mean over "
+        role = evaluated_role(pl_module)
+        whose = f"the {role}'s " if role else "the "
+        title = (f"Effective receptive fields of {whose}centre unit, epoch {trainer.current_epoch}: mean over "
                  f"{images.shape[0]} images of {h}×{w} px\n{scale}")
         return plot_receptive_fields(maps, title, self.log_scale, boxes)

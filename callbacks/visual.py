@@ -18,6 +18,10 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from datamodules.images import load_rgb
+from datamodules.transforms import segmentation_eval_transform
+from utils.figures import log_image
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -33,9 +37,6 @@ def denormalise(images: Tensor) -> Tensor:
 
 def fixed_validation_images(trainer: pl.Trainer, num_images: int) -> tuple[Tensor, list[Path]]:
     """The first ``num_images`` validation images, resized to the input size and normalised (CPU)."""
-    from datamodules.images import load_rgb
-    from datamodules.transforms import segmentation_eval_transform
-
     datamodule = trainer.datamodule
     paths = list(datamodule.val_set.image_paths[:num_images])
     transform = segmentation_eval_transform(datamodule.cfg.img_size)
@@ -107,16 +108,6 @@ class VisualisationCallback(pl.Callback):
         wait_for_pictures()
 
 
-def subplots(rows: int, cols: int, **kwargs):
-    """A matplotlib Figure and its axes grid, outside pyplot's global registry: figures can then be
-    rendered by the background writer thread and need no plt.close()."""
-    from matplotlib.figure import Figure
-
-    squeeze = kwargs.pop("squeeze", True)
-    figure = Figure(figsize=kwargs.pop("figsize", None), layout=kwargs.pop("layout", None))
-    return figure, figure.subplots(rows, cols, squeeze=squeeze, **kwargs)
-
-
 _writer: Optional[ThreadPoolExecutor] = None
 _pending: list[Future] = []
 
@@ -152,15 +143,6 @@ def wait_for_pictures() -> None:
             log.warning("a picture could not be written: %s", err)
 
 
-def log_image(trainer: pl.Trainer, key: str, path: Path, caption: str, step: Optional[int] = None) -> None:
-    from pytorch_lightning.loggers import WandbLogger
-
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            logger.log_image(key=key, images=[str(path)], caption=[caption],
-                             step=trainer.global_step if step is None else step)
-
-
 def parse_indices(text: str, flag: str) -> list[int]:
     """'0, 5,11' → [0, 5, 11]; a clear error naming the flag otherwise."""
     try:
@@ -169,20 +151,49 @@ def parse_indices(text: str, flag: str) -> list[int]:
         raise ValueError(f"{flag}={text!r}: expected comma-separated integers, e.g. 0,5,11") from None
 
 
-def backbone_of(pl_module: pl.LightningModule) -> Optional[torch.nn.Module]:
-    """The backbone of either task: ``pl_module.backbone`` (Barlow Twins) or ``pl_module.model.backbone``
-    (segmentation)."""
-    if hasattr(pl_module, "backbone"):
-        return pl_module.backbone
-    model = getattr(pl_module, "model", None)
-    return getattr(model, "backbone", None)
+EVALUATED_ROLE = "teacher"
+"""The backbone evaluation probes read when a module trains several (:func:`named_backbones`): DINO's
+teacher, as DINO evaluates (k-NN, linear probe, attention maps and segmentation masks of the paper)."""
+
+
+def named_backbones(pl_module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Every backbone a module trains, by role: its own ``named_backbones()`` when it has one (DINO:
+    ``{"teacher": ..., "student": ...}``), else ``{"": backbone}`` with the one backbone of either task,
+    ``pl_module.backbone`` (Barlow Twins) or ``pl_module.model.backbone`` (segmentation); ``{}`` when it
+    has none. Pictures drawn per backbone (attention maps) draw one per entry, named after the role."""
+    method = getattr(pl_module, "named_backbones", None)
+    if callable(method):
+        return dict(method())
+    backbone = getattr(pl_module, "backbone", None)
+    if backbone is None:
+        backbone = getattr(getattr(pl_module, "model", None), "backbone", None)
+    return {"": backbone} if backbone is not None else {}
+
+
+def evaluated_role(pl_module: torch.nn.Module) -> str:
+    """The role (key of :func:`named_backbones`) of the backbone :func:`backbone_of` returns: ``"teacher"``
+    for DINO, ``""`` for a module with a single backbone."""
+    named = named_backbones(pl_module)
+    return EVALUATED_ROLE if EVALUATED_ROLE in named else next(iter(named), "")
+
+
+def backbone_of(pl_module: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """The backbone evaluation probes read (emergence Jaccard, receptive fields, online probe): the teacher
+    when the module has one (:data:`EVALUATED_ROLE`), else its only backbone (see :func:`named_backbones`)."""
+    return named_backbones(pl_module).get(evaluated_role(pl_module))
+
+
+def vit_in(backbone: Optional[torch.nn.Module]):
+    """The timm VisionTransformer of a backbone, or None for a CNN backbone (or the attention-less raw-pixel
+    baseline, models/backbones/pixels.py)."""
+    vit = getattr(backbone, "vit", None)
+    return vit if getattr(vit, "has_attention", True) else None
 
 
 def vit_of(pl_module: pl.LightningModule):
-    """The timm VisionTransformer inside the module, or None for a CNN backbone (or the attention-less
-    raw-pixel baseline, models/backbones/pixels.py)."""
-    vit = getattr(backbone_of(pl_module), "vit", None)
-    return vit if getattr(vit, "has_attention", True) else None
+    """The timm VisionTransformer of the evaluated backbone (:func:`backbone_of`: DINO's teacher), or None
+    (see :func:`vit_in`)."""
+    return vit_in(backbone_of(pl_module))
 
 
 def cls_attention_problem(vit) -> Optional[str]:

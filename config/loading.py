@@ -19,12 +19,10 @@ from typing import Any, Literal, Optional, Sequence
 import yaml
 from simple_parsing import ArgumentGenerationMode, ArgumentParser, NestedMode
 
+from config.errors import ConfigError  # re-exported: callers import it from here
 from config.help import EPILOG, USAGE, HelpFormatter, retitle_groups
 from config.hparams import TASK_DEFAULTS, Hparams
-
-
-class ConfigError(ValueError):
-    """An invalid configuration value; the message names the field and what would be valid."""
+from config.resume import check_resume, checkpoint_run_dir, find_resume_checkpoint, read_checkpoint
 
 
 class _Parser(ArgumentParser):
@@ -218,9 +216,6 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Hparams:
     cfg = _layered(argv, base=None)
     check_finite(cfg)
     if cfg.trainer.resume:
-        # local: the checkpoint checks need torch; a new run's config errors are reported without it
-        from utils.run_dir import check_resume, checkpoint_run_dir, find_resume_checkpoint, read_checkpoint
-
         ckpt_path = find_resume_checkpoint(cfg)
         if ckpt_path is None:  # 'auto' and the named run does not exist yet: a new run
             cfg.trainer.resume = ""

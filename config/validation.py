@@ -6,11 +6,17 @@ Two passes, so that a mistyped value is reported in a fraction of a second: :fun
 is plain Python (ranges, choices, files; it imports nothing heavier than the config itself), and
 :func:`validate_components` runs after it, importing torch, timm and Lightning for what needs them
 (registered names, a named timm model's architecture, visible GPUs).
+
+Pass 2 asks each chosen component its own check — the task's, backbone's and head's registry entries
+(``check_config``, and what a head says it supports), the dataset source's ``check``, the callbacks group's
+``callbacks.checks.check_config`` — and itself holds only the rules that join groups (a head against the
+backbone's depth, the augmentation against the input size, the devices). Adding a component never means
+editing this file.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Optional
 
 from config.hparams import Hparams
 from config.loading import ConfigError
@@ -20,8 +26,6 @@ PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "1
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "ddp_notebook")
 VIT_ONLY_FIELDS = ("depth", "embed_dim", "num_heads", "patch_size")
-AUX_HEADS = ("deeplabv3", "setr_pup", "setr_mla")  # heads with auxiliary heads (--segmentation.aux_loss)
-DROPOUT_HEADS = ("setr_pup", "setr_mla")  # heads with --segmentation.classifier_dropout
 
 
 def _positive(value: float, flag: str) -> None:
@@ -32,6 +36,12 @@ def _positive(value: float, flag: str) -> None:
 def _probability(value: float, flag: str) -> None:
     if not 0.0 <= value <= 1.0:
         raise ConfigError(f"{flag} must be a probability in [0, 1], got {value}")
+
+
+def _raise_problem(problem: Optional[str]) -> None:
+    """A component's own check answered with a one-line problem (or None: nothing wrong)."""
+    if problem:
+        raise ConfigError(problem)
 
 
 def _registered(registry, name: str, flag: str) -> None:
@@ -113,6 +123,9 @@ def augment_values(cfg: Hparams) -> None:
         raise ConfigError(f"--aug.blur_sigma_min/max must satisfy 0 < min <= max, got {a.blur_sigma_min} and {a.blur_sigma_max}")
     if a.blur_kernel_size and (a.blur_kernel_size < 3 or a.blur_kernel_size % 2 == 0):
         raise ConfigError(f"--aug.blur_kernel_size must be odd and >= 3 (or 0 = auto), got {a.blur_kernel_size}")
+    if a.gpu and a.device not in ("cpu", "gpu_photometric"):
+        raise ConfigError(f"--aug.gpu=true (the older name of --aug.device gpu_photometric) contradicts "
+                          f"--aug.device {a.device}; drop --aug.gpu")
 
 
 def training_values(cfg: Hparams) -> None:
@@ -266,9 +279,11 @@ def validate_values(cfg: Hparams) -> None:
 
 
 # ---------------------------------------------------------------- pass 2: registries, models, devices
+# The imports inside the pass-2 functions are local on purpose: pass 1 must report a mistyped value without
+# importing torch, timm or Lightning (main.py imports this module before either pass).
 def backbone_components(cfg: Hparams) -> None:
-    from models.backbones import check_backbone_name, is_vit
-    from models.backbones.vit import resolve_architecture
+    # local: pass 1 stays torch-free
+    from models.backbones import check_backbone_config, check_backbone_name, is_vit, resolve_architecture
 
     b = cfg.backbone
     try:
@@ -280,10 +295,11 @@ def backbone_components(cfg: Hparams) -> None:
             raise ConfigError(f"--backbone.{name} applies to ViT backbones only, not {b.name!r}; leave it at 0")
     if is_vit(b.name):
         _check_architecture(cfg, resolve_architecture(b))
+    _raise_problem(check_backbone_config(cfg))
 
 
 def augment_components(cfg: Hparams) -> None:
-    from datamodules.transforms import blur_kernel_size
+    from datamodules.transforms import blur_kernel_size  # local: pass 1 stays torch-free
 
     # Both augmentation modes blur the img_size² Barlow Twins view with reflect padding, which must be
     # narrower than the view.
@@ -297,7 +313,7 @@ def augment_components(cfg: Hparams) -> None:
 
 def training_components(cfg: Hparams) -> None:
     if cfg.barlow.dense_weight > 0 and cfg.task == "barlow_twins":
-        from models.backbones import is_vit
+        from models.backbones import is_vit  # local: pass 1 stays torch-free
 
         if not is_vit(cfg.backbone.name):
             raise ConfigError(f"--barlow.dense_weight needs a ViT backbone (it matches patch tokens); "
@@ -326,10 +342,12 @@ def device_components(cfg: Hparams) -> None:
 
 
 def segmentation_components(cfg: Hparams) -> None:
-    from models.backbones import is_vit
-    from models.backbones.vit import resolve_architecture
+    """The head against the backbone (cross-group), then what the head's registry entry says about its own
+    settings (``models.segmenters.head_settings_problem``)."""
+    # local: pass 1 stays torch-free
+    from models.backbones import is_vit, resolve_architecture
     from models.heads import head_levels
-    from models.segmenters import DEEPLAB_HEAD, head_fits_backbone, segmentation_head_names
+    from models.segmenters import DEEPLAB_HEAD, head_fits_backbone, head_settings_problem, segmentation_head_names
 
     s = cfg.segmentation
     if s.head not in segmentation_head_names():
@@ -342,74 +360,30 @@ def segmentation_components(cfg: Hparams) -> None:
             head_levels(s.head, resolve_architecture(cfg.backbone)["depth"], s)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-    if s.head == "attn_fusion" and cfg.backbone.name == "pixels":
-        raise ConfigError("--segmentation.head=attn_fusion fuses the backbone's attention, and "
-                          "--backbone.name=pixels (raw pixel patches) has none; use linear, setr_naive or setr_pup")
-    if s.pretrained_head and s.head != DEEPLAB_HEAD:
-        raise ConfigError(f"--segmentation.pretrained_head applies to --segmentation.head={DEEPLAB_HEAD} only")
-    if s.aux_loss and s.head not in AUX_HEADS:
-        raise ConfigError(f"--segmentation.aux_loss applies to --segmentation.head={', '.join(AUX_HEADS)} only "
-                          f"(their auxiliary heads), not {s.head}")
-    if s.aux_blocks.strip() and not (s.head == "setr_pup" and s.aux_loss):
-        raise ConfigError("--segmentation.aux_blocks places setr_pup's auxiliary heads: it needs "
-                          "--segmentation.head=setr_pup and --segmentation.aux_loss=true")
-    if s.classifier_dropout > 0 and s.head not in DROPOUT_HEADS:
-        raise ConfigError(f"--segmentation.classifier_dropout applies to --segmentation.head={', '.join(DROPOUT_HEADS)} "
-                          f"only, not {s.head}")
+    _raise_problem(head_settings_problem(cfg))
 
 
 def callback_components(cfg: Hparams) -> None:
-    from callbacks.visual import parse_indices
-    from models.backbones import is_vit
-    from models.backbones.vit import resolve_architecture
+    from callbacks.checks import check_config  # local: pass 1 stays torch-free
 
-    c = cfg.callbacks
-    try:
-        blocks = parse_indices(c.attention_blocks, "--callbacks.attention_blocks")
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    if c.attention and blocks and is_vit(cfg.backbone.name):
-        depth = resolve_architecture(cfg.backbone)["depth"]
-        bad = [b for b in blocks if not -depth <= b < depth]
-        if bad:
-            raise ConfigError(f"--callbacks.attention_blocks: block(s) {bad} out of range for a {depth}-block ViT "
-                              f"(valid: 0..{depth - 1}, or negative from the end)")
-    if c.emergence and cfg.task == "barlow_twins" and is_vit(cfg.backbone.name) and cfg.backbone.name != "pixels":
-        patch = resolve_architecture(cfg.backbone)["patch_size"]
-        if c.emergence_img_size % patch:
-            raise ConfigError(f"--callbacks.emergence_img_size={c.emergence_img_size} is not a multiple of the patch "
-                              f"size {patch}; e.g. {max(patch, c.emergence_img_size // patch * patch)}")
-    # Asked for explicitly (it is off by default), so a backbone it cannot probe is an error, not a warning.
-    if c.online_probe and cfg.task == "barlow_twins" and not is_vit(cfg.backbone.name):
-        raise ConfigError(f"--callbacks.online_probe needs a ViT backbone (it trains a linear head on patch "
-                          f"tokens); --backbone.name={cfg.backbone.name} is a CNN")
-    if c.erf:
-        from callbacks.receptive_field import check_erf_layers
-
-        problem = check_erf_layers(cfg)
-        if problem:
-            raise ConfigError(problem)
+    _raise_problem(check_config(cfg))
 
 
 def data_components(cfg: Hparams) -> None:
-    from datamodules import DATASETS
+    from datamodules import DATASETS  # local: pass 1 stays torch-free
 
     d = cfg.data
     _registered(DATASETS, d.dataset, "--data.dataset")
-    problem = DATASETS.get(d.dataset).check(d)
-    if problem:
-        raise ConfigError(problem)
+    _raise_problem(DATASETS.get(d.dataset).check(d))
 
 
 def validate_components(cfg: Hparams) -> None:
     """Pass 2: the checks that need the registries, timm's model definitions or torch's device queries."""
-    from lightningmodules import TASKS
+    from lightningmodules import TASKS  # local: pass 1 stays torch-free
 
     _registered(TASKS, cfg.task, "--task")
     task_check = TASKS.get(cfg.task).check_config
-    problem = task_check(cfg) if task_check is not None else None
-    if problem:
-        raise ConfigError(problem)
+    _raise_problem(task_check(cfg) if task_check is not None else None)
     backbone_components(cfg)
     augment_components(cfg)
     training_components(cfg)

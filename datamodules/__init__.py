@@ -1,5 +1,6 @@
 """DataModules and the dataset sources they read from (``DATASETS``: 'voc', 'synthetic')."""
-from datamodules import voc as _voc  # noqa: F401  (registers the dataset sources)
+from datamodules import synthetic_voc as _synthetic_voc  # noqa: F401  (registers 'synthetic')
+from datamodules import voc as _voc  # noqa: F401  (registers 'voc')
 from datamodules.registry import DATASETS
 
 __all__ = ["DATASETS"]

@@ -60,6 +60,7 @@ __all__ = [
     "ensure_synthetic_voc",
     "render_sample",
     "cache_dir_name",
+    "SyntheticSource",
 ]
 
 #: Bumped whenever the generated content changes, so cached datasets of an older format are regenerated.
@@ -75,7 +76,9 @@ _PARTIAL_NAME = "synthetic_voc.partial"
 # folder is ours, so it may be rebuilt, but it is never used as it is.
 _LEGACY_MARKER_NAME = ".complete"
 
-from datamodules.images import DataError  # noqa: E402
+from config.hparams import DataConfig  # noqa: E402
+from datamodules.errors import DataError  # noqa: E402
+from datamodules.registry import DATASETS  # noqa: E402
 
 # The 21 class names live with the VOC layout reader; re-exported here for the generator's users.
 from datamodules.voc import VOC_CLASSES  # noqa: E402
@@ -802,3 +805,26 @@ def ensure_synthetic_voc(cache_root, n_train: int, n_val: int, size: int, seed: 
     cache_root.mkdir(parents=True, exist_ok=True)
     _build(final, n_train, n_val, size, seed, num_workers=0, reuse_complete=True)
     return final
+
+
+# ----------------------------------------------------------------------------------------------------
+# The dataset source --data.dataset=synthetic (see datamodules/registry.py).
+# ----------------------------------------------------------------------------------------------------
+class SyntheticSource:
+    """Generated VOC-layout data (this module's generator), made once and cached under ``data.root``."""
+
+    @staticmethod
+    def check(cfg: DataConfig) -> str | None:
+        for name in ("synthetic_train", "synthetic_val"):
+            if getattr(cfg, name) < 1:
+                return f"--data.{name} must be >= 1, got {getattr(cfg, name)}"
+        if cfg.synthetic_size < 16:
+            return f"--data.synthetic_size must be >= 16 pixels, got {cfg.synthetic_size}"
+        return None
+
+    @staticmethod
+    def prepare(cfg: DataConfig) -> Path:
+        return ensure_synthetic_voc(cfg.root, cfg.synthetic_train, cfg.synthetic_val, cfg.synthetic_size, cfg.synthetic_seed)
+
+
+DATASETS.register("synthetic")(SyntheticSource)

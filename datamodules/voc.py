@@ -1,4 +1,5 @@
-"""Pascal VOC 2012 on disk: the folder layout, split lists, and the dataset sources (real and synthetic).
+"""Pascal VOC 2012 on disk: the folder layout, split lists, and the dataset source ``voc`` (the generated
+VOC-layout source ``synthetic`` is registered beside its generator, ``datamodules/synthetic_voc.py``).
 
 Layout (as torchvision's VOCSegmentation reads it)::
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from config.hparams import DataConfig
 from datamodules.errors import DataError
 from datamodules.registry import DATASETS
+from utils.downloads import connection_problem, one_line
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +96,6 @@ def download_voc(root: Path) -> None:
     from torchvision.datasets.utils import check_integrity
     from torchvision.datasets.voc import DATASET_YEAR_DICT, VOCSegmentation
 
-    from utils.downloads import connection_problem, one_line
-
     entry = DATASET_YEAR_DICT["2012"]
     url, archive = entry["url"], root / entry["filename"]
     offline = (f"offline: point --data.root at a folder holding {VOC_SUBDIR}, or put the archive "
@@ -118,24 +118,4 @@ def download_voc(root: Path) -> None:
                         f"ImageSets/Segmentation; {offline}")
 
 
-class SyntheticSource:
-    """Generated VOC-layout data (datamodules/synthetic_voc.py), made once and cached under ``data.root``."""
-
-    @staticmethod
-    def check(cfg: DataConfig) -> str | None:
-        for name in ("synthetic_train", "synthetic_val"):
-            if getattr(cfg, name) < 1:
-                return f"--data.{name} must be >= 1, got {getattr(cfg, name)}"
-        if cfg.synthetic_size < 16:
-            return f"--data.synthetic_size must be >= 16 pixels, got {cfg.synthetic_size}"
-        return None
-
-    @staticmethod
-    def prepare(cfg: DataConfig) -> Path:
-        from datamodules.synthetic_voc import ensure_synthetic_voc
-
-        return ensure_synthetic_voc(cfg.root, cfg.synthetic_train, cfg.synthetic_val, cfg.synthetic_size, cfg.synthetic_seed)
-
-
 DATASETS.register("voc")(VOCSource)
-DATASETS.register("synthetic")(SyntheticSource)

@@ -160,6 +160,37 @@ def segmentation_head_names() -> list[str]:
     return HEADS.names() + [DEEPLAB_HEAD]
 
 
+def _heads_saying(attribute: str) -> list[str]:
+    """The ViT heads whose registry entry sets ``attribute`` (in registration order)."""
+    return [name for name, factory in HEADS.items() if getattr(factory, attribute, False)]
+
+
+def head_settings_problem(cfg: Hparams) -> Optional[str]:
+    """What is wrong with the ``--segmentation`` head settings of ``cfg`` by what the chosen head's registry
+    entry says about itself (its own ``check_config``, whether it has auxiliary heads or classifier dropout), or
+    None. DeepLabV3 (not a registry entry: a whole torchvision model) has an auxiliary head, no dropout."""
+    s = cfg.segmentation
+    factory = HEADS.get(s.head) if s.head in HEADS else None
+    check = getattr(factory, "check_config", None)
+    problem = check(cfg) if check is not None else None
+    if problem:
+        return problem
+    if s.pretrained_head and s.head != DEEPLAB_HEAD:
+        return f"--segmentation.pretrained_head applies to --segmentation.head={DEEPLAB_HEAD} only"
+    aux_heads = [DEEPLAB_HEAD] + _heads_saying("aux_heads")
+    if s.aux_loss and s.head not in aux_heads:
+        return (f"--segmentation.aux_loss applies to --segmentation.head={', '.join(aux_heads)} only "
+                f"(their auxiliary heads), not {s.head}")
+    if s.aux_blocks.strip() and not (s.head == "setr_pup" and s.aux_loss):
+        return ("--segmentation.aux_blocks places setr_pup's auxiliary heads: it needs "
+                "--segmentation.head=setr_pup and --segmentation.aux_loss=true")
+    dropout_heads = _heads_saying("classifier_dropout")
+    if s.classifier_dropout > 0 and s.head not in dropout_heads:
+        return (f"--segmentation.classifier_dropout applies to --segmentation.head={', '.join(dropout_heads)} "
+                f"only, not {s.head}")
+    return None
+
+
 def build_deeplabv3(cfg: Hparams) -> DeepLabV3Segmenter:
     from torchvision.models import ResNet50_Weights
     from torchvision.models.segmentation import DeepLabV3_ResNet50_Weights, deeplabv3_resnet50

@@ -11,8 +11,8 @@ import torchvision
 from torch import nn
 
 from config.hparams import BackboneConfig
-from models.backbones import build_backbone, check_backbone_name, is_vit
-from models.backbones.vit import resolve_architecture, timm_vit_names
+from models.backbones import build_backbone, check_backbone_name, is_vit, resolve_architecture
+from models.backbones.vit import timm_vit_names
 from models.projector import Projector
 from models.weights import WeightLoadingError, load_into, read_state_dict, strip_common_prefix
 from utils.registry import UnknownNameError
@@ -361,7 +361,7 @@ def test_pixels_backbone_tokens_are_the_raw_patches():
     """backbone.name=pixels: each patch token is the patch's pixels (channel-major), through the same
     forward_intermediates call the segmenter makes; no trainable parameters."""
     from models.backbones import build_backbone, is_vit
-    from models.backbones.vit import resolve_architecture
+    from models.backbones import resolve_architecture
 
     cfg = BackboneConfig(name="pixels", patch_size=4)
     assert is_vit("pixels") and resolve_architecture(cfg) == {"depth": 1, "embed_dim": 48, "num_heads": 1, "patch_size": 4}

@@ -11,9 +11,8 @@ from torch import nn
 
 import main
 from config.hparams import Hparams
-from analysis.receptive_field import (
-    centre_patch_box, check_erf_layers, effective_receptive_field, erf_model, resolve_layers,
-)
+from analysis.receptive_field import centre_patch_box, effective_receptive_field, erf_model, resolve_layers
+from callbacks.checks import check_erf_layers
 
 SIZE = 17  # odd: the centre unit sits at pixel (8, 8)
 C = SIZE // 2

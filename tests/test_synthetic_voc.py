@@ -466,7 +466,7 @@ def test_ensure_caches_and_reuses(tmp_path, monkeypatch):
 
 
 def test_ensure_never_uses_or_overwrites_a_folder_without_its_marker(tmp_path):
-    from datamodules.voc import SyntheticSource
+    from datamodules.synthetic_voc import SyntheticSource
 
     # a complete-looking set whose marker is gone: unknown origin, so neither used nor replaced
     root = ensure_synthetic_voc(tmp_path, 3, 1, 32, seed=0)

@@ -34,6 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
+from config.loading import ConfigError, parse_config, save_config
+from config.validation import validate
+from utils.run_dir import save_code_state
+
 if TYPE_CHECKING:
     from analysis.emergence import EmergenceScore
 
@@ -65,9 +69,7 @@ def tool_parser() -> argparse.ArgumentParser:
 
 def check(cfg, split: str, num_images: int) -> None:
     """The tool's own config errors (ConfigError), before any data or model is touched."""
-    from config.loading import ConfigError
-    from models.backbones import is_vit
-    from models.backbones.vit import resolve_architecture
+    from models.backbones import is_vit, resolve_architecture  # local: a config error is reported before torch loads
 
     if split not in SPLITS:
         raise ConfigError(f"--split: {split!r} is not one of {', '.join(SPLITS)}")
@@ -91,8 +93,6 @@ def default_run_name(cfg) -> str:
 def fresh_run_dir(cfg) -> Path:
     """``<output_dir>/<run_name>``, created exclusively: an existing directory is never written into (the name
     gets a numeric suffix, with a warning)."""
-    from config.loading import ConfigError
-
     out = Path(cfg.log.output_dir)
     base = cfg.log.run_name or default_run_name(cfg)
     try:
@@ -136,7 +136,7 @@ class EmergenceImages:
         return len(self.ids)
 
     def __getitem__(self, index: int):
-        from callbacks.emergence import load_example
+        from callbacks.emergence import load_example  # local: a config error is reported before torch loads
 
         return load_example(self.root, self.ids[index], self.img_size, self.protocol)
 
@@ -147,15 +147,14 @@ def measure(cfg, split: str, num_images: int, argv: Sequence[str] = ()) -> Resul
     import torch
     from torch.utils.data import DataLoader
 
+    # local: a config error is reported before torch loads
+    from analysis.emergence import label_folders, per_image_jaccard, summarize
     from callbacks.emergence import attention_maps, emergence_ids
     from callbacks.visual import cls_attention_problem
-    from config.loading import ConfigError, save_config
     from datamodules import DATASETS
     from datamodules.barlow_twins import default_num_workers
     from datamodules.images import DataError
     from models.backbones import build_backbone
-    from analysis.emergence import label_folders, per_image_jaccard, summarize
-    from utils.run_dir import save_code_state
 
     c = cfg.callbacks
     protocol = c.jaccard_protocol
@@ -234,9 +233,6 @@ def one_line(err: BaseException) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from config.loading import ConfigError, parse_config
-    from config.validation import validate
-
     argv = list(sys.argv[1:] if argv is None else argv)
     own, rest = tool_parser().parse_known_args(argv)
     try:
@@ -246,6 +242,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+    # local: a config error is reported before torch loads
     from datamodules.images import DataError
     from models.weights import WeightLoadingError
 

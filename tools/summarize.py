@@ -53,6 +53,10 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from config.hparams import Hparams
+from config.loading import to_dict
+from tools.sweep import config_fields, unknown_name_message
+
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
 LAST_CHECKPOINT = "checkpoints/last.ckpt"
@@ -256,9 +260,6 @@ def read_run(path: Path, root: Path) -> RunRecord:
 
 
 def _default_config() -> dict[str, Any]:
-    from config.hparams import Hparams
-    from config.loading import to_dict
-
     return flatten(to_dict(Hparams()))
 
 
@@ -271,8 +272,6 @@ def _sort_key(value: Any) -> tuple:
 
 
 def differing_fields(runs: Sequence[RunRecord]) -> list[str]:
-    from tools.sweep import config_fields
-
     def bookkeeping(name: str) -> bool:
         return any(name == b or (b.endswith(".") and name.startswith(b)) for b in BOOKKEEPING)
 
@@ -283,8 +282,6 @@ def differing_fields(runs: Sequence[RunRecord]) -> list[str]:
 
 
 def check_params(params: Sequence[str]) -> None:
-    from tools.sweep import config_fields, unknown_name_message
-
     valid = list(config_fields())
     bad = [p for p in params if p not in valid]
     if bad:

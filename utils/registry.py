@@ -2,10 +2,14 @@
 
 A config names a task, datamodule, backbone or head by a string; the matching registry turns it into
 a class or factory. Adding an implementation is one new file plus one ``@REGISTRY.register("name")``.
+
+An entry describes itself: ``@HEADS.register("setr_pup", aux_heads=True, check_config=...)`` sets those
+attributes on the registered factory, and ``config.validation`` reads them (``check_config(cfg)``: the
+component's own check of a config that chose it, a one-line problem naming the flag, or None).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Generic, Iterable, TypeVar
+from typing import Any, Callable, Dict, Generic, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -31,14 +35,27 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: Dict[str, T] = {}
 
-    def register(self, name: str) -> Callable[[T], T]:
+    def register(self, name: str, **attributes: Any) -> Callable[[T], T]:
+        """Register ``obj`` under ``name``; each keyword becomes an attribute of ``obj`` (what the entry says
+        about itself, e.g. ``check_config=``)."""
+
         def decorator(obj: T) -> T:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
+            for key, value in attributes.items():
+                setattr(obj, key, value)
             self._entries[name] = obj
             return obj
 
         return decorator
+
+    def unregister(self, name: str) -> T:
+        """Remove and return the entry ``name`` (for tests and plugins that register temporarily)."""
+        return self._entries.pop(name)
+
+    def items(self) -> Iterator[tuple[str, T]]:
+        """(name, entry) in registration order."""
+        return iter(list(self._entries.items()))
 
     def get(self, name: str) -> T:
         if name not in self._entries:

@@ -18,14 +18,12 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
+from config.errors import ConfigError
 from config.hparams import Hparams
+from config.resume import CHECKPOINT_DIR, RUN_FILE, read_run_file
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
-LAST_CHECKPOINT = "last.ckpt"
-RUN_FILE = "run.json"  # the run's identity: run_id, name, task, creation time
-META_KEY = "vitssl"  # our metadata in each checkpoint (callbacks/checkpointing.py writes it)
 
 
 # The run name the first process chose, inherited by the processes Lightning's DDP launcher starts (they
@@ -62,8 +60,6 @@ def default_run_name(cfg: Hparams) -> str:
         # Every process of the launch computes the same name (a timestamp could differ between them).
         return f"{cfg.task}-{backbone}-job{launch_job_id()}"
     if external_launch():
-        from config.loading import ConfigError
-
         raise ConfigError("several processes were launched (WORLD_SIZE > 1) without a shared job id: give them "
                           "one run directory with --log.run_name=NAME (or torchrun --rdzv-id=ID)")
     if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
@@ -80,102 +76,6 @@ def run_directory(cfg: Hparams) -> Path:
     if not cfg.log.run_name:
         cfg.log.run_name = default_run_name(cfg)
     return Path(cfg.log.output_dir) / cfg.log.run_name
-
-
-def _error(message: str):
-    from config.loading import ConfigError  # local: config.loading imports this module lazily too
-
-    return ConfigError(message)
-
-
-def read_checkpoint(path: Path) -> dict:
-    """The checkpoint's contents, memory-mapped (tensors are read lazily); one-line error for anything that
-    is not a complete checkpoint (empty, truncated, garbage, another format)."""
-    import torch
-
-    try:
-        if path.stat().st_size == 0:
-            raise ValueError("the file is empty")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise _error(f"--trainer.resume: {path} is not a readable checkpoint ({reason[:160]}); give last.ckpt of a "
-                     f"run directory, or the run directory itself") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
-        raise _error(f"--trainer.resume: {path} is not a training checkpoint of this tool (no state_dict/global_step); "
-                     f"to start from its weights use --backbone.weights={path}")
-    return ckpt
-
-
-def checkpoint_task(ckpt: dict) -> Optional[str]:
-    meta = ckpt.get(META_KEY) or {}
-    if meta.get("task"):
-        return meta["task"]
-    config = (ckpt.get("hyper_parameters") or {}).get("config") or {}
-    return config.get("task")
-
-
-def read_run_file(run_dir: Path) -> dict:
-    import json
-
-    try:
-        return json.loads((run_dir / RUN_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def checkpoint_run_dir(path: Path) -> Path:
-    """The run directory a checkpoint belongs to: ``<run>/checkpoints/<file>.ckpt`` with ``<run>/config.yaml``."""
-    run_dir = path.resolve().parent.parent
-    if path.resolve().parent.name != CHECKPOINT_DIR or not (run_dir / "config.yaml").is_file():
-        raise _error(f"--trainer.resume: {path} is not inside a run directory (<run>/{CHECKPOINT_DIR}/*.ckpt beside "
-                     f"<run>/config.yaml), and a resumed run writes only into its own directory; to start a new run "
-                     f"from its weights use --backbone.weights={path}")
-    return run_dir
-
-
-def find_resume_checkpoint(cfg: Hparams) -> Optional[Path]:
-    """Turn ``trainer.resume`` (a .ckpt file, a run directory or 'auto') into a checkpoint path; None for
-    'auto' when the named run does not exist yet (a new run starts). One-line errors otherwise."""
-    value = cfg.trainer.resume
-    if not value:
-        return None
-    if value == "auto":
-        if not cfg.log.run_name:
-            raise _error("--trainer.resume=auto needs --log.run_name=NAME (it resumes that run if it exists, else "
-                         "starts it); without a name it could pick up an unrelated run")
-        run_dir = Path(cfg.log.output_dir) / cfg.log.run_name
-        if not run_dir.exists():
-            log.info("--trainer.resume=auto: %s does not exist yet; starting it", run_dir)
-            return None
-        path = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
-        if not path.is_file():
-            raise _error(f"--trainer.resume=auto: run directory {run_dir} exists but holds no {CHECKPOINT_DIR}/"
-                         f"{LAST_CHECKPOINT} (it stopped before its first checkpoint); remove it to start the run "
-                         f"over, or choose another --log.run_name")
-        return path
-    path = Path(value)
-    if path.is_dir():
-        path = path / CHECKPOINT_DIR / LAST_CHECKPOINT
-    if not path.is_file():
-        raise _error(f"--trainer.resume: checkpoint {value!r} does not exist "
-                     f"(give a .ckpt file, a run directory, or 'auto' with --log.run_name)")
-    return path
-
-
-def check_resume(cfg: Hparams, ckpt_path: Path, ckpt: dict) -> None:
-    """The checkpoint belongs to the run directory it sits in, and to this config's task."""
-    run_dir = checkpoint_run_dir(ckpt_path)
-    meta = ckpt.get(META_KEY) or {}
-    run_id = read_run_file(run_dir).get("run_id")
-    if meta.get("run_id") and run_id and meta["run_id"] != run_id:
-        raise _error(f"--trainer.resume: {ckpt_path} was written by run {meta.get('run_name', '?')} "
-                     f"(id {meta['run_id']}), not by the run in {run_dir} (id {run_id}); copy checkpoints only "
-                     f"together with their run directory")
-    task = checkpoint_task(ckpt)
-    if task and task != cfg.task:
-        raise _error(f"--task={cfg.task} cannot resume {ckpt_path}, a {task} checkpoint; to use its weights in a new "
-                     f"{cfg.task} run give --backbone.weights={ckpt_path} without --trainer.resume")
 
 
 def _git(*args: str) -> Optional[str]:
@@ -254,14 +154,14 @@ def prepare_run_dir(cfg: Hparams, resumed: bool = False) -> Path:
                 try:
                     wanted.mkdir()
                 except FileExistsError:
-                    raise _error(f"run directory {wanted} already holds a run: continue it with --trainer.resume=auto "
-                                 "or choose a new --log.run_name") from None
+                    raise ConfigError(f"run directory {wanted} already holds a run: continue it with "
+                                      "--trainer.resume=auto or choose a new --log.run_name") from None
                 run_dir = wanted
             else:
                 run_dir = _create_exclusively(out, cfg.log.run_name)
         except OSError as err:
-            raise _error(f"--log.output_dir: cannot create a run directory in {out}: "
-                         f"{os.strerror(err.errno) if err.errno else err}") from None
+            raise ConfigError(f"--log.output_dir: cannot create a run directory in {out}: "
+                              f"{os.strerror(err.errno) if err.errno else err}") from None
         if run_dir != wanted:
             log.warning("run directory %s already exists; writing this run to %s "
                         "(--trainer.resume continues an existing run)", wanted, run_dir)
@@ -273,8 +173,8 @@ def prepare_run_dir(cfg: Hparams, resumed: bool = False) -> Path:
             (run_dir / sub).mkdir(parents=True, exist_ok=True)
         save_code_state(run_dir)
     except OSError as err:
-        raise _error(f"--log.output_dir: cannot write into run directory {run_dir}: "
-                     f"{os.strerror(err.errno) if err.errno else err}") from None
+        raise ConfigError(f"--log.output_dir: cannot write into run directory {run_dir}: "
+                          f"{os.strerror(err.errno) if err.errno else err}") from None
     return run_dir
 
 

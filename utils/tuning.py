@@ -28,9 +28,9 @@ from typing import Optional, Sequence
 import yaml
 from pytorch_lightning.tuner import Tuner
 
-from callbacks.rng_state import collect_rng_state, restore_rng_state
-from callbacks.visual import log_image
 from config.loading import save_config, to_dict
+from utils.figures import log_image, subplots
+from utils.rng import collect_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -262,8 +262,6 @@ def _plot_lr_curve(lrs: Sequence[float], losses: Sequence[float], check: LrCurve
                    index: Optional[int], configured: float, path: Path) -> None:
     """Per-step losses, their centred moving average (what the check judges), the start level and the
     required drop, the suggestion and the rate training uses."""
-    from callbacks.visual import subplots
-
     fig, ax = subplots(1, 1, figsize=(7.5, 4.6))
     n = check.points
     ax.plot(lrs[:len(losses)], losses, ".", color="0.6", label="loss per step")

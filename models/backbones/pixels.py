@@ -15,12 +15,13 @@ from torch import Tensor
 
 from config.hparams import BackboneConfig
 from models.backbones.registry import BACKBONES
+from models.backbones.vit import ViTBackbone
 
 DEFAULT_PATCH = 8
 
 
 class PixelPatchViT(VisionTransformer):
-    has_attention = False  # attention pictures and metrics skip it (callbacks.visual.vit_of)
+    has_attention = False  # attention pictures and metrics skip it (callbacks.visual.vit_in)
 
     def patch_tokens(self, x: Tensor) -> Tensor:
         """(B, 3·p², H/p, W/p): each patch's pixels, channel-major (pixel_unshuffle's order)."""
@@ -45,10 +46,8 @@ def pixel_architecture(patch_size: int) -> dict[str, int]:
     return {"depth": 1, "embed_dim": 3 * p * p, "num_heads": 1, "patch_size": p}
 
 
-@BACKBONES.register("pixels")
+@BACKBONES.register("pixels", architecture=lambda cfg: pixel_architecture(cfg.patch_size))
 def build_pixels(cfg: BackboneConfig, img_size: int):
-    from models.backbones.vit import ViTBackbone
-
     arch = pixel_architecture(cfg.patch_size)
     vit = PixelPatchViT(img_size=img_size, num_classes=0, dynamic_img_size=True, **arch)
     vit.requires_grad_(False)

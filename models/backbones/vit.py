@@ -48,12 +48,9 @@ def _named_architecture(name: str) -> dict[str, int]:
     }
 
 
-def resolve_architecture(cfg: BackboneConfig) -> dict[str, int]:
-    """The effective depth / embed_dim / num_heads / patch_size: the named model's, then the overrides."""
-    if cfg.name == "pixels":
-        from models.backbones.pixels import pixel_architecture
-
-        return pixel_architecture(cfg.patch_size)
+def vit_architecture(cfg: BackboneConfig) -> dict[str, int]:
+    """The effective depth / embed_dim / num_heads / patch_size of 'vit' or a timm ViT name: the named model's,
+    then the overrides (``models.backbones.resolve_architecture`` answers for every ViT-shaped backbone)."""
     return {**_named_architecture(architecture_name(cfg.name)), **arch_overrides(cfg)}
 
 

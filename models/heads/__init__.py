@@ -13,11 +13,12 @@ attention of the same blocks (``analysis.attention.BlockAttention``).
 """
 from __future__ import annotations
 
+# Registration order is the order messages list heads in (SETR's own: naive, PUP, MLA); --help lists them sorted.
 from models.heads import attn_fusion as _attn_fusion  # noqa: F401  (registers 'attn_fusion')
 from models.heads import linear as _linear  # noqa: F401  (registers 'linear')
-from models.heads import setr_mla as _setr_mla  # noqa: F401  (registers 'setr_mla')
 from models.heads import setr_naive as _setr_naive  # noqa: F401  (registers 'setr_naive')
 from models.heads import setr_pup as _setr_pup  # noqa: F401  (registers 'setr_pup')
+from models.heads import setr_mla as _setr_mla  # noqa: F401  (registers 'setr_mla')
 from models.heads import setr_pytorch as _setr_pytorch  # noqa: F401  (registers 'setr_pytorch_naive', '..._pup')
 from models.heads.registry import HEADS, last_block
 

@@ -115,13 +115,19 @@ class AttnFusionHead(nn.Module):
         return self.classifier(self.hidden(torch.cat([tokens, maps], dim=1)))
 
 
-@HEADS.register("attn_fusion")
+def check_config(cfg) -> Optional[str]:
+    """attn_fusion's own check of a config that chose it: the backbone must have attention to fuse."""
+    if cfg.backbone.name == "pixels":
+        return ("--segmentation.head=attn_fusion fuses the backbone's attention, and --backbone.name=pixels (raw "
+                "pixel patches) has none; use linear, setr_naive or setr_pup")
+    return None
+
+
+# needs_attention: models.segmenters passes num_heads= to the factory and the attentions to forward.
+@HEADS.register("attn_fusion", needs_attention=True, check_config=check_config)
 def build(in_dim: int, num_classes: int, patch_size: int, cfg, num_levels: int = 1,
           num_heads: Optional[int] = None) -> nn.Module:
     check_single_level("attn_fusion", num_levels)
     if num_heads is None:
         raise ValueError("attn_fusion needs num_heads= (the backbone's attention heads per block)")
     return AttnFusionHead(in_dim, num_classes, cfg.hidden_dim, num_heads)
-
-
-build.needs_attention = True  # read by models.segmenters: pass num_heads=, and attentions to forward

@@ -19,6 +19,18 @@ do with a trainable LayerNorm of their own (:class:`TokenLayerNorm`).
 ``num_levels`` is ``len(head_levels(name, depth, cfg))``; a factory that consumes several blocks carries a
 ``levels(depth, cfg) -> list[int]`` attribute saying which (see ``models.heads.head_levels``), every other
 head consumes the last block only.
+
+What the registry line says about the head (``@HEADS.register("name", ...)``, each keyword optional), read by
+``models.segmenters`` and ``config.validation`` before anything is built:
+
+* ``levels=``: as above.
+* ``aux_heads=True``: it has auxiliary heads, so ``--segmentation.aux_loss`` applies to it.
+* ``classifier_dropout=True``: it applies ``--segmentation.classifier_dropout``.
+* ``needs_attention=True``: it also gets the backbone's attention (see ``models.heads``).
+* ``check_config=f``: ``f(cfg: Hparams) -> Optional[str]``, its own check of a config that chose it (a
+  one-line problem naming the flag, or None). Every head reads ViT patch tokens, so it needs a ViT backbone.
+
+Adding a head is this one file plus its import line in ``models/heads/__init__.py``.
 """
 from __future__ import annotations
 

@@ -96,10 +96,8 @@ class SETRMLAHead(nn.Module):
         return with_aux(logits, aux)
 
 
-@HEADS.register("setr_mla")
+@HEADS.register("setr_mla", levels=mla_levels, aux_heads=True, classifier_dropout=True)
 def build(in_dim: int, num_classes: int, patch_size: int, cfg, num_levels: int = 1) -> nn.Module:
     return SETRMLAHead(in_dim, num_classes, cfg.hidden_dim, num_levels, getattr(cfg, "classifier_dropout", 0.0),
                        aux=bool(getattr(cfg, "aux_loss", False)))
 
-
-build.levels = mla_levels  # read by models.heads.head_levels

@@ -98,7 +98,7 @@ class SETRPUPHead(nn.Module):
         return with_aux(logits, aux)
 
 
-@HEADS.register("setr_pup")
+@HEADS.register("setr_pup", levels=pup_levels, aux_heads=True, classifier_dropout=True)
 def build(in_dim: int, num_classes: int, patch_size: int, cfg, num_levels: int = 1) -> nn.Module:
     aux = bool(getattr(cfg, "aux_loss", False))
     if not aux and num_levels != 1:
@@ -106,5 +106,3 @@ def build(in_dim: int, num_classes: int, patch_size: int, cfg, num_levels: int =
     return SETRPUPHead(in_dim, num_classes, cfg.hidden_dim, patch_size, getattr(cfg, "classifier_dropout", 0.0),
                        num_aux=num_levels if aux else 0)
 
-
-build.levels = pup_levels  # read by models.heads.head_levels
