@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import main  # noqa: E402
+import trainer as trainer_module  # noqa: E402
 
 OFF = ["--callbacks.attention=false", "--callbacks.erf=false", "--callbacks.cross_correlation=false",
        "--callbacks.views=false", "--callbacks.predictions=false"]
@@ -44,8 +45,6 @@ def profiled_hook_share(base: list[str], out: Path) -> tuple[float, float]:
 
     import pytorch_lightning as pl
     from pytorch_lightning.profilers import SimpleProfiler
-
-    import trainer as trainer_module
 
     profiler = SimpleProfiler()
     original = trainer_module.pl.Trainer

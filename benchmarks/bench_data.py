@@ -1,18 +1,25 @@
-"""Which one limits Barlow Twins training: the data pipeline or the training step?
+"""Which one limits Barlow Twins training: the data path or the training step? Every augmentation mode side by
+side in one run, next to the step rate they must feed.
 
-Measures, for one config, view pairs per second of
+Measures, for one config, images per second (one image = one pair of views) of the whole data path —
+DataLoader workers → batch transfer to the device → the datamodule's ``on_after_batch_transfer`` — in each
+``--aug.device`` mode:
 
-- the CPU augmentation mode: DataLoader workers decode, crop, flip and run the photometric augmentations
-  (torchvision, one image at a time), batches moved to the device;
-- the GPU augmentation mode (``--aug.gpu=true``): workers decode, crop, flip and draw the parameters; the
-  photometric operations run batched on the device (CUDA when available, else the CPU) in the
-  datamodule's ``on_after_batch_transfer``, timed end to end, and also alone on one ready batch;
-- the training step (Lightning, pre-made batches on the device; ``bench_train_step.lightning_steps_per_s``),
+- ``cpu``: workers decode, crop, flip and run the photometric augmentations (torchvision, image by image);
+- ``gpu_photometric``: workers decode, crop and flip; the photometric operations run batched on the device;
+- ``gpu_full``: workers read file bytes and sizes; decoding (``decode_jpeg``), crops, flips and the
+  photometric operations run batched on the device (datamodules/device_decode.py);
 
-and the ratio of each data rate to the training rate: above 1 the data keeps up, below 1 the training step
-waits for data. Each part is measured alone; in a real run on a CPU-only machine they share the cores.
+then the device half alone on one ready batch (gpu_full also split into decode / crop / photometric), and
+the training step (Lightning, pre-made batches on the device; ``bench_train_step.lightning_steps_per_s``).
+Modes alternate within each round (machine noise hits all alike); medians over rounds. Ratios above 1: the
+data keeps up with the step. On a CPU-only machine the "device" is the same cores the workers use.
 
-    python benchmarks/bench_data.py --config config/quickstart.yaml --workers 2 --batches 20
+``--compare-resamplers`` also prints how far batched alternatives to gpu_full's resampling matrices are from
+torchvision's ``resized_crop`` (the CPU pipeline's crops): ``roi_align(aligned=True)`` and bicubic
+``grid_sample``, which do not antialias.
+
+    python benchmarks/bench_data.py --config config/quickstart.yaml --workers 2 --batches 20 --steps 10
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import argparse
 import dataclasses
 import gc
 import itertools
+import json
 import logging
 import os
 import statistics
@@ -31,11 +39,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 from pytorch_lightning.utilities import move_data_to_device  # noqa: E402
-from torch.utils.data import default_collate  # noqa: E402
 
 from benchmarks.bench_train_step import lightning_steps_per_s  # noqa: E402
 from config.loading import parse_config  # noqa: E402
 from datamodules.barlow_twins import BarlowTwinsDataModule  # noqa: E402
+from datamodules.device_decode import decode_images, pad_images, resized_crops  # noqa: E402
+from datamodules.gpu_augment import PhotometricParams  # noqa: E402
+from datamodules.images import load_rgb  # noqa: E402
+from datamodules.transforms import CropFlip  # noqa: E402
+
+MODES = ("cpu", "gpu_photometric", "gpu_full")
 
 
 def synchronize(device: torch.device) -> None:
@@ -43,8 +56,8 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def datamodule(cfg, gpu_augment: bool) -> BarlowTwinsDataModule:
-    aug = dataclasses.replace(cfg.aug, gpu=gpu_augment)
+def datamodule(cfg, mode: str) -> BarlowTwinsDataModule:
+    aug = dataclasses.replace(cfg.aug, gpu=False, device=mode)
     dm = BarlowTwinsDataModule(cfg.data, aug, cfg.seed, shared_crop=cfg.barlow.shared_crop)
     dm.prepare_data()
     dm.setup()
@@ -62,46 +75,100 @@ def finished_batches(dm: BarlowTwinsDataModule, device: torch.device):
         epoch += 1
 
 
-def loader_pairs_per_s(dm: BarlowTwinsDataModule, device: torch.device, batches: int) -> float:
-    """View pairs/s of the whole data path; the first batch (worker start-up) is not timed."""
+def loader_images_per_s(dm: BarlowTwinsDataModule, device: torch.device, batches: int) -> float:
+    """Images/s of the whole data path; the first batch (worker start-up) is not timed."""
     stream = finished_batches(dm, device)
     next(stream)
     synchronize(device)
-    start, pairs = time.perf_counter(), 0
+    start, images = time.perf_counter(), 0
     for _ in range(batches):
-        pairs += next(stream)[0].shape[0]
+        images += next(stream)[0].shape[0]
     synchronize(device)
     elapsed = time.perf_counter() - start
     # Persistent workers live as long as their loader: stop them before the next measurement runs.
     stream.close()
     del stream
     gc.collect()
-    return pairs / elapsed
+    return images / elapsed
 
 
-def first_raw_batch(dm: BarlowTwinsDataModule) -> dict:
-    """The training loader's first batch as the workers would make it, made here (no worker processes)."""
+def first_raw_batch(dm: BarlowTwinsDataModule, device: torch.device):
+    """The training loader's first batch as the workers would make it, made here, moved to ``device``."""
     keys = list(itertools.islice(iter(dm.train_dataloader().sampler), dm.batch_size))
-    return default_collate([dm.train_set[key] for key in keys])
+    collate = getattr(dm.transform, "collate", None) or torch.utils.data.default_collate
+    return move_data_to_device(collate([dm.train_set[key] for key in keys]), device)
 
 
-def device_ops_pairs_per_s(dm: BarlowTwinsDataModule, device: torch.device, repeats: int) -> float:
-    """View pairs/s of GPU mode's on-device photometric operations alone, on one ready uint8 batch."""
-    raw = move_data_to_device(first_raw_batch(dm), device)
-    dm.on_after_batch_transfer(raw, 0)  # warm-up (kernels, allocator)
+def timed(fn, device: torch.device, repeats: int) -> float:
+    """Seconds per call of ``fn`` (one warm-up call first)."""
+    fn()
     synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
-        x1 = dm.on_after_batch_transfer(raw, 0)[0]
+        fn()
     synchronize(device)
-    return repeats * x1.shape[0] / (time.perf_counter() - start)
+    return (time.perf_counter() - start) / repeats
 
 
-def training_pairs_per_s(cfg, device: torch.device, steps: int, warmup: int, precision: str) -> float:
+def device_half_images_per_s(dm: BarlowTwinsDataModule, device: torch.device, repeats: int) -> dict:
+    """Images/s of a mode's device half alone on one ready batch; gpu_full also per stage."""
+    raw = first_raw_batch(dm, device)
+    b = dm.batch_size
+    out = {"device_half": b / timed(lambda: dm.on_after_batch_transfer(raw, 0), device, repeats)}
+    if "encoded" in raw:
+        views = dm.transform.device_views
+        images = pad_images(decode_images(raw["encoded"], device))
+        boxes = torch.stack([v["box"] for v in raw["views"]], dim=1)
+        flips = torch.stack([v["flip"] for v in raw["views"]], dim=1)
+        spec = views.specs[0]
+        crops = resized_crops(images, boxes, flips, spec.size, spec.interpolation)
+        params = [PhotometricParams(*v["params"]) for v in raw["views"]]
+        out["decode"] = b / timed(lambda: decode_images(raw["encoded"], device), device, repeats)
+        out["crop_resize"] = b / timed(lambda: resized_crops(images, boxes, flips, spec.size, spec.interpolation),
+                                       device, repeats)
+        out["photometric"] = b / timed(lambda: [views.photometric(crops[:, k], params[k]) for k in range(2)],
+                                       device, repeats)
+    return out
+
+
+def training_images_per_s(cfg, device: torch.device, steps: int, warmup: int, precision: str) -> float:
     b, s = cfg.data.batch_size, cfg.data.img_size
     g = torch.Generator().manual_seed(0)
     views = (torch.randn(4 * b, 3, s, s, generator=g), torch.randn(4 * b, 3, s, s, generator=g))
     return lightning_steps_per_s(cfg, views, steps, warmup, precision, device) * b
+
+
+def compare_resamplers(dm: BarlowTwinsDataModule, count: int = 32) -> dict:
+    """Mean and max |difference| (uint8 levels) from torchvision's antialiased ``resized_crop`` of the same
+    boxes: gpu_full's matrices, ``roi_align(aligned=True)`` (adaptive sampling) and bicubic ``grid_sample``."""
+    from torch.nn import functional as F
+    from torchvision.ops import roi_align
+    from torchvision.transforms.v2 import functional as TF
+
+    cfg, size = dm.aug, dm.cfg.img_size
+    mode = TF.InterpolationMode.BICUBIC if cfg.crop_interpolation == "bicubic" else TF.InterpolationMode.BILINEAR
+    crop = CropFlip(cfg, size)
+    results = {"matrices (gpu_full)": [], "roi_align aligned=True": [], f"grid_sample {cfg.crop_interpolation}": []}
+    torch.manual_seed(0)
+    for path in dm.train_set.paths[:count]:
+        image = load_rgb(path)
+        h, w = image.shape[-2:]
+        params, _ = crop.draw(h, w)
+        top, left, height, width = params["top"], params["left"], params["height"], params["width"]
+        expected = TF.resized_crop(image, top, left, height, width, [size, size], interpolation=mode, antialias=True).float()
+        x = image[None].float()
+        ours = resized_crops(x, torch.tensor([[[top, left, height, width]]]), torch.tensor([[False]]), size,
+                             cfg.crop_interpolation)[0, 0]
+        box = torch.tensor([[0, left, top, left + width, top + height]], dtype=torch.float32)
+        roi = roi_align(x, box, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)[0]
+        u = (torch.arange(size) + 0.5) / size
+        ys = (top + u * height) / h * 2 - 1
+        xs = (left + u * width) / w * 2 - 1
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None]
+        sampled = F.grid_sample(x, grid, mode=cfg.crop_interpolation, align_corners=False)[0]
+        for name, got in zip(results, (ours, roi, sampled)):
+            results[name].append((got.clamp(0, 255).round() - expected).abs())
+    return {name: {"mean": torch.stack(d).mean().item(), "max": torch.stack(d).max().item()} for name, d in results.items()}
 
 
 def verdict(data: float, train: float) -> str:
@@ -117,9 +184,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the config's)")
     parser.add_argument("--batches", type=int, default=20, help="timed batches per data measurement")
     parser.add_argument("--batch-size", type=int, default=0, help="override data.batch_size")
-    parser.add_argument("--steps", type=int, default=10, help="timed training steps")
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps (0: skip the step)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
     parser.add_argument("--rounds", type=int, default=1, help="repeat each measurement, report the median")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    parser.add_argument("--compare-resamplers", action="store_true",
+                        help="also measure roi_align / grid_sample against torchvision's resized_crop")
+    parser.add_argument("--json", default="", help="also write the results to this JSON file")
     parser.add_argument("--threads", type=int, default=0,
                         help="intra-op threads of this process (0 = torch's default); on a busy CPU, 1 can be faster")
     args, overrides = parser.parse_known_args()
@@ -131,33 +202,60 @@ def main() -> None:
         cfg.data.num_workers = args.workers
     if args.batch_size:
         cfg.data.batch_size = args.batch_size
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        parser.error(f"--modes: {', '.join(unknown)} not among {', '.join(MODES)}")
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     precision = "bf16-mixed" if cuda and torch.cuda.is_bf16_supported() else "32-true"
-    cpu_dm, gpu_dm = datamodule(cfg, gpu_augment=False), datamodule(cfg, gpu_augment=True)
+    dms = {mode: datamodule(cfg, mode) for mode in modes}
     name = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-    print(f"device: {name}; config {args.config}; batch {cfg.data.batch_size}; img {cfg.data.img_size}px; "
-          f"{cpu_dm.num_workers} workers; backbone {cfg.backbone.name} depth={cfg.backbone.depth} "
-          f"embed_dim={cfg.backbone.embed_dim} patch={cfg.backbone.patch_size}; precision {precision}")
+    first = dms[modes[0]]
+    print(f"device: {name}; config {args.config}; batch {cfg.data.batch_size}; img {cfg.data.img_size}px "
+          f"({cfg.aug.crop_interpolation}); {first.num_workers} workers; backbone {cfg.backbone.name} "
+          f"depth={cfg.backbone.depth} embed_dim={cfg.backbone.embed_dim} patch={cfg.backbone.patch_size}; "
+          f"precision {precision}; torch {torch.__version__}")
 
-    def median(measure) -> float:
-        return statistics.median(measure() for _ in range(args.rounds))
-
-    cpu_rate = median(lambda: loader_pairs_per_s(cpu_dm, device, args.batches))
-    gpu_rate = median(lambda: loader_pairs_per_s(gpu_dm, device, args.batches))
-    ops_rate = median(lambda: device_ops_pairs_per_s(gpu_dm, device, args.batches))
-    train_rate = median(lambda: training_pairs_per_s(cfg, device, args.steps, args.warmup, precision))
-    rows = [
-        ("data, CPU augmentation (workers do everything)", cpu_rate),
-        (f"data, GPU augmentation (photometric ops on {device.type})", gpu_rate),
-        (f"  on-device photometric ops alone ({device.type})", ops_rate),
-        (f"training step (Lightning, {precision})", train_rate),
-    ]
-    for label, rate in rows:
-        print(f"{label + ':':<58}{rate:9.1f} view pairs/s")
-    print(f"ratio data/training, CPU augmentation: {verdict(cpu_rate, train_rate)}")
-    print(f"ratio data/training, GPU augmentation: {verdict(gpu_rate, train_rate)}")
-    print(f"GPU augmentation vs CPU augmentation: {gpu_rate / cpu_rate:.2f}x the data rate")
+    loader: dict[str, list[float]] = {m: [] for m in modes}
+    halves: dict[str, list[dict]] = {m: [] for m in modes if m != "cpu"}
+    train: list[float] = []
+    for _ in range(args.rounds):
+        for mode in modes:
+            loader[mode].append(loader_images_per_s(dms[mode], device, args.batches))
+        for mode in halves:
+            halves[mode].append(device_half_images_per_s(dms[mode], device, max(3, args.batches // 2)))
+        if args.steps:
+            train.append(training_images_per_s(cfg, device, args.steps, args.warmup, precision))
+    results = {"device": name, "batch_size": cfg.data.batch_size, "img_size": cfg.data.img_size,
+               "workers": first.num_workers, "precision": precision,
+               "loader_images_per_s": {m: statistics.median(v) for m, v in loader.items()},
+               "device_half_images_per_s": {m: {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+                                            for m, rows in halves.items()}}
+    if train:
+        results["training_images_per_s"] = statistics.median(train)
+    for mode in modes:
+        print(f"{'data path, ' + mode + ':':<42}{results['loader_images_per_s'][mode]:10.1f} images/s")
+    for mode, parts in results["device_half_images_per_s"].items():
+        detail = ", ".join(f"{k} {v:.0f}" for k, v in parts.items() if k != "device_half")
+        print(f"{'  ' + mode + ' device half alone:':<42}{parts['device_half']:10.1f} images/s"
+              + (f"  ({detail} images/s)" if detail else ""))
+    if train:
+        t = results["training_images_per_s"]
+        print(f"{'training step (Lightning, ' + precision + '):':<42}{t:10.1f} images/s")
+        for mode in modes:
+            print(f"ratio data/training, {mode}: {verdict(results['loader_images_per_s'][mode], t)}")
+    if "cpu" in modes:
+        for mode in modes[1:]:
+            print(f"{mode} vs cpu: {results['loader_images_per_s'][mode] / results['loader_images_per_s']['cpu']:.2f}x "
+                  f"the data rate")
+    if args.compare_resamplers:
+        results["resamplers_vs_torchvision_levels"] = compare_resamplers(first)
+        for label, d in results["resamplers_vs_torchvision_levels"].items():
+            print(f"crop {label}: mean {d['mean']:.3f}, max {d['max']:.0f} uint8 levels from torchvision's resized_crop")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ def measure(config: str, overrides: list[str], batch: int, micro: int, steps: in
     """One configuration, in this process: steps/s and peak memory of our training step."""
     import torch
 
+    # local: only the measuring child process imports torch (its peak memory is what is measured)
     from benchmarks.bench_train_step import lightning_steps_per_s
     from config.loading import parse_config
 
@@ -69,6 +70,7 @@ def model_flops_per_pair(cfg, device) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    # local: only the measuring child process imports torch (its peak memory is what is measured)
     from benchmarks.bench_train_step import build_module
     from models.losses import barlow_twins_loss
 

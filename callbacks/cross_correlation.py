@@ -6,7 +6,7 @@ DINO-initialised backbone shows its near-identity start); for wide projectors th
 full resolution beside the whole matrix. Every matrix cell gets a whole number of pixels (k × k, panels of
 about PANEL_PX pixels), so the picture never aliases (a 512×512 matrix drawn into fewer pixels shows moiré
 and a broken diagonal); a matrix wider than MAX_CELLS is shown as means of f × f blocks, each diagonal cell
-the mean of the diagonal entries it holds, which its title says. Scalars at every log step: mean diagonal, mean |off-diagonal|
+the mean of the diagonal entries it holds, which its title says. Scalars at every logging step (only those): mean diagonal, mean |off-diagonal|
 and the fraction of diagonal entries above 0.9. With the dense term on, its matrices and scalars
 (``cc_dense/*``) too.
 """
@@ -22,6 +22,7 @@ from torch import Tensor
 
 from callbacks.visual import eval_mode, save_figure, wait_for_pictures
 from models.losses import barlow_twins_loss
+from utils.step_logging import is_logging_step
 
 # Fixed scale: 0 sits at the cyan-blue third of "jet", 1 at its red end; negative values stay blue.
 VMIN, VMAX, CMAP = -0.5, 1.0, "jet"
@@ -117,7 +118,10 @@ class CrossCorrelationCallback(pl.Callback):
         self.every_n_epochs = max(1, every_n_epochs)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # Logged (as device tensors, no sync) every step; Lightning writes them every log_every_n_steps.
+        # Step values only (no epoch mean): computed and logged (device tensors, no sync) on the steps whose
+        # values Lightning writes (every log_every_n_steps), not on the others, where they would be discarded.
+        if not is_logging_step(trainer):
+            return
         c: Optional[Tensor] = getattr(pl_module, "last_cross_correlation", None)
         if c is None:
             return

@@ -3,15 +3,8 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 
-
-def record_nonfinite(pl_module: pl.LightningModule, loss) -> None:
-    """Remember (on the device, no sync) the first step whose loss was not finite, in the module's
-    ``first_nonfinite_step`` buffer (-1: none so far); :class:`FiniteLossGuard` reads it."""
-    import torch
-
-    first = pl_module.first_nonfinite_step
-    bad = ~torch.isfinite(loss.detach())
-    pl_module.first_nonfinite_step = torch.where(bad & (first < 0), torch.full_like(first, pl_module.global_step), first)
+# The tasks record the first non-finite step with this (lightningmodules sit below callbacks); re-exported here.
+from lightningmodules.nonfinite import record_nonfinite  # noqa: F401
 
 
 def last_good_checkpoint(trainer: pl.Trainer) -> str:
@@ -34,9 +27,16 @@ class FiniteLossGuard(pl.Callback):
 
     def __init__(self, every_n_steps: int = 20):
         self.every_n_steps = max(1, every_n_steps)
+        # CUDA: the periodic check reads a copy of the step made at the previous check (pinned host memory,
+        # copied asynchronously, long finished by now), so even that check never waits for the device; it
+        # reports at most one interval later. Epoch ends and checkpoint saves read the device value itself.
+        self._host_copy = None
+        self._copied = None  # torch.cuda.Event recorded after the asynchronous copy
 
     def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        step = int(pl_module.first_nonfinite_step.item())
+        self._raise_if_recorded(trainer, int(pl_module.first_nonfinite_step.item()))
+
+    def _raise_if_recorded(self, trainer: pl.Trainer, step: int) -> None:
         if step < 0:
             return
         raise NonFiniteLossError(
@@ -45,9 +45,25 @@ class FiniteLossGuard(pl.Callback):
             f"--trainer.gradient_clip_val, a larger --data.batch_size, or --trainer.precision=32-true."
         )
 
+    def _check_without_waiting(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import torch
+
+        recorded = pl_module.first_nonfinite_step
+        if not recorded.is_cuda:
+            self._check(trainer, pl_module)  # a host tensor: reading it waits for nothing
+            return
+        if self._copied is not None:
+            self._copied.synchronize()  # the copy enqueued every_n_steps steps ago
+            self._raise_if_recorded(trainer, int(self._host_copy.item()))
+        if self._host_copy is None:
+            self._host_copy = torch.empty((), dtype=recorded.dtype, pin_memory=True)
+            self._copied = torch.cuda.Event()
+        self._host_copy.copy_(recorded, non_blocking=True)
+        self._copied.record()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % self.every_n_steps == 0:
-            self._check(trainer, pl_module)
+            self._check_without_waiting(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._check(trainer, pl_module)

@@ -115,10 +115,16 @@ class AugmentConfig:
     """Probability of solarising the second view."""
 
     gpu: bool = False
-    """Run the photometric augmentations (colour jitter, grayscale, blur, solarisation) batched on the
-    training device, with per-sample parameters drawn from the same distributions as the CPU pipeline;
-    the DataLoader workers then only decode, crop and flip (uint8). Use it when the CPU workers limit
-    the training speed (see benchmarks/bench_data.py)."""
+    """Same as --aug.device gpu_photometric (kept for existing configs)."""
+
+    device: Literal["cpu", "gpu_photometric", "gpu_full"] = "cpu"
+    """Where the augmentation runs. cpu: DataLoader workers decode and augment. gpu_photometric: workers
+    decode, crop and flip (uint8); colour jitter, grayscale, blur and solarisation run batched on the
+    training device. gpu_full: workers only read the file bytes and image sizes; JPEG decoding
+    (torchvision.io.decode_jpeg), crops, resizes, flips and the photometric operations run batched on the
+    training device (for segmentation training too; masks are decoded by the workers). Same seed, same
+    crops and parameters in every mode; use a gpu_ mode when the CPU workers limit the training speed
+    (benchmarks/bench_data.py)."""
 
 
 @dataclass
@@ -144,7 +150,8 @@ class BackboneConfig:
 
     weights: str = ""
     """Local weight file to initialise from: a timm/torchvision state dict (.pth/.pt/.safetensors), the
-    official Barlow Twins ResNet-50 file, or one of our checkpoints (runs/<run>/checkpoints/last.ckpt)."""
+    official Barlow Twins ResNet-50 file, or one of our checkpoints (runs/<run>/checkpoints/last.ckpt; of a
+    DINO run, its teacher backbone, as DINO evaluates)."""
 
     pretrained: bool = False
     """Download the named model's published weights (timm hub / torchvision; needs internet), e.g.
@@ -275,6 +282,13 @@ class DinoConfig:
     local_blur_prob: float = 0.5
     """Probability of blurring a local crop (official: 0.5; the global crops use aug.blur_prob_1/2 = 1.0/0.1
     and aug.solarize_prob_1/2 = 0/0.2, DINO's values)."""
+
+    micro_batch_size: int = 0
+    """Run the student backbone in chunks of this many images (0 = off; not in the official code): loss and
+    gradients stay those of the whole batch (the head, the loss and the center see all of it), while the
+    backbone's activation memory is that of one chunk (gradient caching: its activations are recomputed
+    chunk by chunk in the backward pass). Exact for ViTs; a ResNet with BatchNorm normalises each chunk by
+    its own statistics."""
 
 
 TASK_DEFAULTS: dict[str, dict[str, object]] = {
@@ -416,14 +430,19 @@ class CallbacksConfig:
     cross_correlation_block: int = 64
     """Also draw the top-left k×k block of the matrix at full resolution when proj_dim is larger (0 = off)."""
 
+    teacher_entropy: bool = True
+    """DINO: the collapse monitor that replaces the cross-correlation picture: the teacher's entropy and the
+    entropy of its batch-mean output over training steps, with 0 (one dimension) and log(dino.out_dim)
+    (uniform) marked: both curves near either line is collapse (DINO paper, sec. 5.3)."""
+
     views: bool = False
-    """Barlow Twins: a grid of augmented view pairs (what the network is asked to match)."""
+    """Barlow Twins: a grid of augmented view pairs (what the network is asked to match); DINO: every crop."""
 
     predictions: bool = True
     """Segmentation: image | ground truth | prediction grids with the VOC palette (and wandb masks)."""
 
     emergence: bool = True
-    """Barlow Twins with a ViT: every emergence_every_n_epochs, the Jaccard similarity between the last
+    """Barlow Twins or DINO (the teacher) with a ViT: every emergence_every_n_epochs, the Jaccard similarity between the last
     block's CLS attention masks (callbacks.attention_keep of the mass, best head per object) and the
     ground truth of a fixed validation subset (callbacks.jaccard_protocol), logged as val/attn_jaccard.
     The whole split: python -m tools.emergence."""
@@ -445,7 +464,7 @@ class CallbacksConfig:
     """Compute the emergence Jaccard every this many epochs (and before training)."""
 
     online_probe: bool = False
-    """Barlow Twins: train a linear segmentation head on detached patch tokens alongside pretraining
+    """Barlow Twins or DINO (on the teacher): train a linear segmentation head on detached patch tokens alongside pretraining
     (labelled train split, its own optimiser; the backbone gets no gradient from it) and log its val
     mIoU every online_probe_every_n_epochs."""
 

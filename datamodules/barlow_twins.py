@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from config.hparams import AugmentConfig, DataConfig
+from datamodules.device_decode import EncodedTwoViewTransform, augment_mode
 from datamodules.gpu_augment import DeviceAugmentTransform
 from datamodules.images import DataError, load_rgb
 from datamodules.registry import DATASETS
@@ -17,8 +18,11 @@ from datamodules.sampling import SeededSampler, resume_mid_epoch, seeded
 from datamodules.transforms import BarlowTwinsTransform
 from datamodules.voc import all_image_ids, existing_image_paths, read_split
 
-# CPU mode (workers finish the views) or GPU mode (workers crop; the device finishes the batch).
-TwoViewTransform = Union[BarlowTwinsTransform, DeviceAugmentTransform]
+# CPU mode (workers finish the views), gpu_photometric (workers crop; the device finishes the batch) or
+# gpu_full (workers read bytes; the device decodes, crops and finishes the batch).
+TwoViewTransform = Union[BarlowTwinsTransform, DeviceAugmentTransform, EncodedTwoViewTransform]
+AUGMENT_MODES = {"cpu": BarlowTwinsTransform, "gpu_photometric": DeviceAugmentTransform,
+                 "gpu_full": EncodedTwoViewTransform}
 
 
 class TwoViewDataset(Dataset):
@@ -40,7 +44,8 @@ class TwoViewDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         index, item_seed = key
-        image = load_rgb(self.paths[index])
+        # gpu_full's transform reads the file's bytes and size only (its ``load``); the others get pixels.
+        image = getattr(self.transform, "load", load_rgb)(self.paths[index])
         with seeded(item_seed):
             return self.transform(image)
 
@@ -48,7 +53,8 @@ class TwoViewDataset(Dataset):
         """The items of ``keys`` as the model receives them, computed in this process on the CPU:
         ``(x1, x2)`` normalised views, or ``(x1, x2, g1, g2)`` with geometry, in either augmentation mode
         (GPU mode's photometric operations run here on the CPU). For callbacks that need a few views."""
-        return tuple(self.transform.finish_batch(default_collate([self[key] for key in keys])))
+        collate = getattr(self.transform, "collate", default_collate)
+        return tuple(self.transform.finish_batch(collate([self[key] for key in keys])))
 
 
 def default_num_workers() -> int:
@@ -69,9 +75,11 @@ class BarlowTwinsDataModule(pl.LightningDataModule):
     ``(y0, x0, y1, x1, flipped)`` per item, see :func:`datamodules.transforms.crop_geometry`, for a dense
     objective). ``shared_crop``: both views share one crop and flip.
 
-    ``aug.gpu``: the workers only decode, crop and flip (uint8) and draw the photometric parameters;
-    :meth:`on_after_batch_transfer` applies the photometric operations batched on the training device, so
-    the model receives the same batch format as in CPU mode.
+    ``aug.device=gpu_photometric`` (or ``aug.gpu``): the workers only decode, crop and flip (uint8) and draw
+    the photometric parameters; :meth:`on_after_batch_transfer` applies the photometric operations batched on
+    the training device. ``gpu_full``: the workers only read the files' bytes and sizes and draw every
+    parameter; decoding and crops run on the device too (datamodules/device_decode.py). The model receives
+    the same batch format in every mode.
     """
 
     def __init__(self, data: DataConfig, aug: AugmentConfig, seed: int = 0, geometry: bool = False,
@@ -91,7 +99,7 @@ class BarlowTwinsDataModule(pl.LightningDataModule):
         self.transform: TwoViewTransform = self.make_transform()
 
     def make_transform(self) -> TwoViewTransform:
-        mode = DeviceAugmentTransform if self.aug.gpu else BarlowTwinsTransform
+        mode = AUGMENT_MODES[augment_mode(self.aug)]
         return mode(self.aug, self.cfg.img_size, shared_crop=self.shared_crop, geometry=self.geometry)
 
     def prepare_data(self) -> None:
@@ -144,6 +152,7 @@ class BarlowTwinsDataModule(pl.LightningDataModule):
             # The loss standardises over the batch: a ragged last batch (or one of 1) would be a noisier,
             # differently scaled estimate.
             drop_last=True,
+            collate_fn=getattr(self.transform, "collate", None),  # gpu_full: file bytes stay a list
             num_workers=self.num_workers,
             pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,

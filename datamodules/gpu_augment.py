@@ -1,5 +1,6 @@
-"""GPU augmentation mode (``--aug.gpu=true``): the photometric half of the Barlow Twins views, batched on the
-training device.
+"""GPU augmentation mode (``--aug.device gpu_photometric``, formerly ``--aug.gpu=true``): the photometric half of
+the Barlow Twins views, batched on the training device. (``gpu_full``, datamodules/device_decode.py, also moves
+decoding and crops to the device and reuses :class:`PhotometricSampler` and :class:`DevicePhotometric`.)
 
 The DataLoader workers decode, crop and flip (uint8 views) and draw every photometric parameter of every
 view from the item's seeded RNG (:class:`PhotometricSampler`); the parameters travel with the batch as

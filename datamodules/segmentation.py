@@ -13,6 +13,7 @@ from torchvision import tv_tensors
 
 from config.hparams import DataConfig, SegmentationConfig
 from datamodules.barlow_twins import default_num_workers, evenly_spaced
+from datamodules.device_decode import EncodedSegmentationTransform
 from datamodules.images import DataError, load_rgb
 from datamodules.registry import DATASETS
 from datamodules.sampling import SeededSampler, resume_mid_epoch, seeded
@@ -64,6 +65,14 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         index, item_seed = key
+        if hasattr(self.transform, "load"):  # gpu_full: file bytes, size and mask; the device decodes and crops
+            encoded = self.transform.load(self.images[index])
+            mask = load_mask(self.masks[index], self.num_classes)
+            if (encoded.height, encoded.width) != tuple(mask.shape):
+                raise DataError(f"mask {self.masks[index]} is {tuple(mask.shape)} but its image is "
+                                f"{(encoded.height, encoded.width)}")
+            with seeded(item_seed):
+                return self.transform(encoded, mask)
         image = tv_tensors.Image(load_rgb(self.images[index]))
         mask = load_mask(self.masks[index], self.num_classes)
         if image.shape[-2:] != mask.shape:
@@ -81,9 +90,14 @@ def collate_full(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.
 
 
 class SegmentationDataModule(pl.LightningDataModule):
-    def __init__(self, data: DataConfig, seg: SegmentationConfig, seed: int = 0):
+    """``augment_device="gpu_full"`` (``--aug.device``): training images are decoded, cropped and flipped on
+    the training device, masks (decoded by the workers) cropped there with nearest neighbours
+    (datamodules/device_decode.py); validation keeps the CPU pipeline (one fixed resize)."""
+
+    def __init__(self, data: DataConfig, seg: SegmentationConfig, seed: int = 0, augment_device: str = "cpu"):
         super().__init__()
         self.cfg, self.seg, self.seed = data, seg, seed
+        self.augment_device = augment_device
         self.batch_size = data.batch_size  # read at each train_dataloader() call (batch-size tuner)
         self.num_workers = data.num_workers if data.num_workers >= 0 else default_num_workers()
         self.train_set: Optional[SegmentationDataset] = None
@@ -97,7 +111,10 @@ class SegmentationDataModule(pl.LightningDataModule):
             return
         root = DATASETS.get(self.cfg.dataset).prepare(self.cfg)
         size, n = self.cfg.img_size, self.seg.num_classes
-        train = segmentation_train_transform(size, self.seg.crop_scale_min, self.seg.hflip_prob)
+        if self.augment_device == "gpu_full":
+            train = EncodedSegmentationTransform(size, self.seg.crop_scale_min, self.seg.hflip_prob)
+        else:  # the photometric-only device mode has nothing to do here: segmentation has no photometric step
+            train = segmentation_train_transform(size, self.seg.crop_scale_min, self.seg.hflip_prob)
         self.train_set = SegmentationDataset(root, read_split(root, "train"), train, n)
         val_ids = evenly_spaced(read_split(root, "val"), self.cfg.val_max_images)
         self.val_set = SegmentationDataset(root, val_ids, segmentation_eval_transform(size), n,
@@ -120,12 +137,18 @@ class SegmentationDataModule(pl.LightningDataModule):
             # Evaluation keeps every image (uneven shards across devices; the metrics are synced at epoch end).
             sampler=SeededSampler(len(dataset), self.seed, shuffle=train, vary_with_epoch=train, even=train),
             drop_last=train,  # BatchNorm in the heads; evaluation sees every image
-            collate_fn=collate_full if (not train and self.val_set.full) else None,
+            collate_fn=collate_full if (not train and self.val_set.full) else getattr(dataset.transform, "collate", None),
             num_workers=self.num_workers,
             pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
             generator=torch.Generator().manual_seed(self.seed),
         )
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """gpu_full training batches: decoded and cropped on their device; other batches as they are."""
+        if isinstance(batch, dict):
+            return self.train_set.transform.finish_batch(batch)
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         loader = self._loader(self.train_set, self.batch_size, train=True)

@@ -83,6 +83,12 @@ def crop_geometry(top: int, left: int, height: int, width: int, image_height: in
                          (left + width) / image_width, float(flipped)], dtype=torch.float32)
 
 
+def size_only(height: int, width: int) -> torch.Tensor:
+    """A (3, height, width) uint8 tensor that owns one byte (stride 0): torchvision's parameter samplers read
+    only an input's size, and this one costs nothing to make."""
+    return torch.empty(1, dtype=torch.uint8).expand(3, height, width)
+
+
 class CropFlip:
     """RandomResizedCrop then a horizontal flip of a uint8 (3, H, W) image, reporting where the view lies.
 
@@ -95,13 +101,26 @@ class CropFlip:
         self.crop = crop_transform(cfg, img_size)
         self.hflip_prob = cfg.hflip_prob
 
+    @classmethod
+    def of(cls, crop: v2.RandomResizedCrop, hflip_prob: float) -> "CropFlip":
+        """A CropFlip around any RandomResizedCrop (the segmentation pipeline's has its own scale range)."""
+        instance = cls.__new__(cls)
+        instance.crop, instance.hflip_prob = crop, hflip_prob
+        return instance
+
+    def draw(self, height: int, width: int) -> tuple[dict, bool]:
+        """The random choices alone, for an image of ``height`` × ``width``: the crop box (torchvision's
+        ``{"top", "left", "height", "width"}``) and the flip. Needs only the size, so the device-resident
+        mode (datamodules/device_decode.py) draws them without decoding the image."""
+        params = self.crop.make_params([size_only(height, width)])
+        return params, not bool(torch.rand(1) >= self.hflip_prob)  # RandomHorizontalFlip's own test
+
     def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        params = self.crop.make_params([image])
+        height, width = image.shape[-2:]
+        params, flipped = self.draw(height, width)
         view = self.crop.transform(image, params)
-        flipped = not bool(torch.rand(1) >= self.hflip_prob)  # RandomHorizontalFlip's own test
         if flipped:
             view = v2.functional.horizontal_flip(view)
-        height, width = image.shape[-2:]
         geometry = crop_geometry(params["top"], params["left"], params["height"], params["width"], height, width, flipped)
         return view, geometry
 

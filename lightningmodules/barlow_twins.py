@@ -9,17 +9,18 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from callbacks.finite_loss import record_nonfinite
 from config.hparams import Hparams
 from config.loading import from_dict, to_dict
 from datamodules.barlow_twins import BarlowTwinsDataModule
+from lightningmodules.nonfinite import record_nonfinite
 from lightningmodules.registry import TASKS, Task
 from models.backbones import build_backbone
 from models.dense import DenseBarlowTwins
-from models.losses import barlow_twins_loss, cross_correlation_terms
+from models.losses import barlow_twins_terms
 from models.projector import Projector
 from utils.optim import build_optimizer, effective_lr, parameter_groups, rescale_checkpoint_lrs
 from utils.schedule import with_schedule
+from utils.step_logging import StepMetrics
 
 
 @contextlib.contextmanager
@@ -54,7 +55,9 @@ class BarlowTwinsModule(pl.LightningModule):
 
     Logs ``{train,val}/loss``, ``/on_diag`` and ``/off_diag``; keeps the latest training cross-correlation
     matrix (``last_cross_correlation``) and the epoch-averaged validation one (``val_cross_correlation``)
-    on the device for callbacks, without host syncs.
+    on the device for callbacks, without host syncs. The training step's scalars go through
+    :class:`utils.step_logging.StepMetrics`: Lightning's ``log`` on logging steps only, epoch means summed on
+    the device every step (same columns and values as ``self.log``, a fraction of its per-step cost).
     """
 
     def __init__(self, config: dict):
@@ -80,6 +83,9 @@ class BarlowTwinsModule(pl.LightningModule):
         self._val_c_sum: Optional[Tensor] = None
         self._val_dense_c_sum: Optional[Tensor] = None
         self._val_batches = 0
+        self.train_metrics = StepMetrics()
+        # The dense term's weights are checked (a host sync) on its first batch only, not every step.
+        self._dense_weight_checked = False
         # Device-side record of the first step whose loss was not finite (-1: none); read by
         # callbacks.finite_loss.FiniteLossGuard every few steps instead of syncing every step.
         self.register_buffer("first_nonfinite_step", torch.tensor(-1, dtype=torch.long), persistent=False)
@@ -147,51 +153,78 @@ class BarlowTwinsModule(pl.LightningModule):
             return features
         return self.all_gather(features, sync_grads=True).flatten(0, 1)
 
-    def shared_step(self, batch, stage: str) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        """Loss, global cross-correlation matrix and (dense term on) the dense one, both detached."""
+    def loss_terms(self, batch) -> tuple[Tensor, int, dict[str, tuple[Tensor, Tensor, Tensor, Tensor]]]:
+        """Loss, global batch size, and each term's (loss, cross-correlation matrix, on-diagonal sum,
+        off-diagonal sum): ``""`` the global term, ``"dense_"`` the dense one when on."""
         x1, x2, *geometry = batch
         f1, f2 = self.features(x1, x2)
-        dense_c = None
+        dense = None
         if self.dense is not None:
             if not geometry:
                 raise ValueError("barlow.dense_weight > 0 needs batches (x1, x2, g1, g2) with crop geometry: "
                                  "build the datamodule with geometry=True")
             (f1, patches1), (f2, patches2) = f1, f2
-            points = self.dense.point_features(patches1, patches2, *geometry)
-            dense_loss, dense_c = self.dense.loss(*(self.gather_global(t) for t in points))
+            p1, p2, weight = (self.gather_global(t) for t in self.dense.point_features(patches1, patches2, *geometry))
+            # DenseBarlowTwins.loss, with the weight check (a host sync) on the first batch only
+            dense = barlow_twins_terms(self.dense.projector(p1), self.dense.projector(p2), self.dense.lambd, weight,
+                                       check_weight=not self._dense_weight_checked)
+            self._dense_weight_checked = True
         z1, z2 = self.projector(self.gather_global(f1)), self.projector(self.gather_global(f2))
-        batch_size = z1.shape[0]
-        global_loss, c = barlow_twins_loss(z1, z2, self.cfg.barlow.lambd)
-        self.log_terms(stage, "", global_loss, c, batch_size)
-        loss = global_loss
-        if dense_c is not None:
-            self.log_terms(stage, "dense_", dense_loss, dense_c, batch_size)
-            self.log(f"{stage}/global_loss", global_loss.detach(), on_step=stage == "train", on_epoch=True,
-                     batch_size=batch_size)
-            loss = global_loss + self.cfg.barlow.dense_weight * dense_loss
-            dense_c = dense_c.detach()
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=batch_size)
-        return loss, c.detach(), dense_c
+        terms = {"": barlow_twins_terms(z1, z2, self.cfg.barlow.lambd)}
+        loss = terms[""][0]
+        if dense is not None:
+            terms["dense_"] = dense
+            loss = loss + self.cfg.barlow.dense_weight * dense[0]
+        return loss, z1.shape[0], terms
 
-    def log_terms(self, stage: str, prefix: str, loss: Tensor, c: Tensor, batch_size: int) -> None:
-        """Diagonal and off-diagonal sums of one cross-correlation matrix, and its loss per dimension."""
-        on_diag, off_diag = cross_correlation_terms(c.detach())
-        self.log_dict(
-            {f"{stage}/{prefix}on_diag": on_diag, f"{stage}/{prefix}off_diag": off_diag},
-            on_step=stage == "train", on_epoch=True, batch_size=batch_size,
-        )
-        if prefix:
-            self.log(f"{stage}/{prefix}loss", loss.detach(), on_step=stage == "train", on_epoch=True,
+    def shared_step(self, batch, stage: str, batch_idx: int = -1) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Loss, global cross-correlation matrix and (dense term on) the dense one, both detached; logs the
+        stage's scalars (training: through ``train_metrics``, see the class docstring)."""
+        loss, batch_size, terms = self.loss_terms(batch)
+        if stage == "train":
+            self._log_train(loss, batch_size, terms, batch_idx)
+        else:
+            self._log_eval(stage, loss, batch_size, terms)
+        dense_c = terms["dense_"][1].detach() if "dense_" in terms else None
+        return loss, terms[""][1].detach(), dense_c
+
+    def _log_train(self, loss: Tensor, batch_size: int, terms: dict, batch_idx: int) -> None:
+        m = self.train_metrics
+        for prefix, (term_loss, c, on_diag, off_diag) in terms.items():
+            m.add(f"train/{prefix}on_diag", on_diag)
+            m.add(f"train/{prefix}off_diag", off_diag)
+            if prefix:
+                m.add(f"train/{prefix}loss", term_loss)
+            # The loss sums D diagonal and D² − D off-diagonal terms: per dimension it compares across proj_dim.
+            m.add(f"train/{prefix}loss_per_dim", term_loss.detach() / c.shape[0], on_step=False)
+        if "dense_" in terms:
+            m.add("train/global_loss", terms[""][0])
+        m.add("train/loss", loss, prog_bar=True)
+        m.commit(self, batch_size, batch_idx)
+
+    def _log_eval(self, stage: str, loss: Tensor, batch_size: int, terms: dict) -> None:
+        for prefix, (term_loss, c, on_diag, off_diag) in terms.items():
+            self.log_dict({f"{stage}/{prefix}on_diag": on_diag.detach(),
+                           f"{stage}/{prefix}off_diag": off_diag.detach()}, on_epoch=True, batch_size=batch_size)
+            if prefix:
+                self.log(f"{stage}/{prefix}loss", term_loss.detach(), on_epoch=True, batch_size=batch_size)
+            self.log(f"{stage}/{prefix}loss_per_dim", term_loss.detach() / c.shape[0], on_epoch=True,
                      batch_size=batch_size)
-        # The loss sums D diagonal and D² − D off-diagonal terms: per dimension it compares across proj_dim.
-        self.log(f"{stage}/{prefix}loss_per_dim", loss.detach() / c.shape[0], on_step=False, on_epoch=True,
-                 batch_size=batch_size)
+        if "dense_" in terms:
+            self.log(f"{stage}/global_loss", terms[""][0].detach(), on_epoch=True, batch_size=batch_size)
+        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, batch_size=batch_size)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        loss, c, dense_c = self.shared_step(batch, "train")
+        loss, c, dense_c = self.shared_step(batch, "train", batch_idx)
         self.last_cross_correlation, self.last_dense_cross_correlation = c, dense_c
         record_nonfinite(self, loss)
         return loss
+
+    def on_train_start(self) -> None:
+        self.train_metrics.reset()  # e.g. after the tuner's trial steps on this module
+
+    def on_train_epoch_end(self) -> None:
+        self.train_metrics.log_epoch(self)
 
     def on_validation_epoch_start(self) -> None:
         self._val_c_sum, self._val_dense_c_sum, self._val_batches = None, None, 0

@@ -12,17 +12,19 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from callbacks.finite_loss import record_nonfinite
 from config.hparams import Hparams
 from config.loading import from_dict
+from datamodules.device_decode import augment_mode
 from datamodules.segmentation import IGNORE_INDEX, SegmentationDataModule
 from datamodules.voc import VOC_CLASSES
+from lightningmodules.nonfinite import record_nonfinite
 from lightningmodules.registry import TASKS, Task
 from models.losses import median_frequency_weights, segmentation_loss
 from models.segmenters import build_segmenter
 from utils.optim import effective_lr, optimizer_from_groups, parameter_groups, rescale_checkpoint_lrs
 from utils.schedule import with_schedule
 from utils.segmentation_metrics import scores_from_confusion
+from utils.step_logging import StepMetrics
 
 PER_CLASS_FILE = "per_class_iou.csv"
 
@@ -46,10 +48,14 @@ class SegmentationModule(pl.LightningModule):
         self.model = build_segmenter(self.cfg)
         self.criterion = segmentation_loss(seg.loss, seg.num_classes, IGNORE_INDEX, seg.focal_gamma)
         self.lr = effective_lr(self.cfg)  # head rate, optim.lr_scaling applied; read by configure_optimizers
-        self.train_confusion = MulticlassConfusionMatrix(seg.num_classes, ignore_index=IGNORE_INDEX)
+        # validate_args=False in training: torchmetrics' value checks read the targets on the host (a sync every
+        # step); out-of-range labels still fail loudly in the loss. Validation keeps the checks.
+        self.train_confusion = MulticlassConfusionMatrix(seg.num_classes, ignore_index=IGNORE_INDEX,
+                                                         validate_args=False)
         self.val_confusion = MulticlassConfusionMatrix(seg.num_classes, ignore_index=IGNORE_INDEX)
         self.register_buffer("first_nonfinite_step", torch.tensor(-1, dtype=torch.long), persistent=False)
         self.last_val_scores: Optional[dict] = None
+        self.train_metrics = StepMetrics()  # train/loss: Lightning's log on logging steps only (utils/step_logging.py)
 
     def setup(self, stage: str) -> None:
         seg = self.cfg.segmentation
@@ -76,11 +82,16 @@ class SegmentationModule(pl.LightningModule):
         out = self.model(images)
         loss = self.loss(out, masks)
         self.train_confusion.update(out["out"].detach().argmax(1), masks)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
+        self.train_metrics.add("train/loss", loss, prog_bar=True)
+        self.train_metrics.commit(self, images.shape[0], batch_idx)
         record_nonfinite(self, loss)
         return loss
 
+    def on_train_start(self) -> None:
+        self.train_metrics.reset()  # e.g. after the tuner's trial steps on this module
+
     def on_train_epoch_end(self) -> None:
+        self.train_metrics.log_epoch(self)
         self._log_scores("train", self.train_confusion)
 
     # ---------------------------------------------------------------------------------- validation
@@ -156,7 +167,8 @@ def _metric_names() -> tuple[str, ...]:
 TASKS.register("segmentation")(
     Task(
         module=SegmentationModule,
-        datamodule=lambda cfg: SegmentationDataModule(cfg.data, cfg.segmentation, cfg.seed),
+        datamodule=lambda cfg: SegmentationDataModule(cfg.data, cfg.segmentation, cfg.seed,
+                                                   augment_device=augment_mode(cfg.aug)),
         monitor="val/mIoU",
         mode="max",
         metrics=_metric_names(),

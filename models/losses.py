@@ -1,7 +1,7 @@
-"""Losses: Barlow Twins (a pure function) and the segmentation losses (small modules)."""
+"""Losses: Barlow Twins and DINO (pure functions) and the segmentation losses (small modules)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ def standardize(z: Tensor, eps: float = 1e-5, weight: Optional[Tensor] = None) -
 
 
 def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float = 0.0051,
-                      weight: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                      weight: Optional[Tensor] = None, check_weight: bool = True) -> tuple[Tensor, Tensor]:
     """Barlow Twins loss (Zbontar et al., 2021) and the cross-correlation matrix it is computed from.
 
     Each view's embeddings (N, D) are standardised over the batch, C = z1ᵀ z2 / N (D, D), and
@@ -32,8 +32,18 @@ def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float = 0.0051,
     ``weight`` (N,): non-negative per-sample weights for the standardisation and the mean over the batch (the
     dense term gives points of non-overlapping crops weight 0). Fewer than 2 samples of positive weight
     raise ValueError, as a batch of fewer than 2 samples does: nothing can be standardised, and the loss
-    would be D whatever the embeddings (C = 0), with no gradient. Checking costs one host sync.
+    would be D whatever the embeddings (C = 0), with no gradient. Checking costs one host sync:
+    ``check_weight=False`` skips it (a training step that checked its first batch; such a batch then
+    contributes the constant D, no gradient, instead of stopping the run).
     """
+    loss, c, _, _ = barlow_twins_terms(z1, z2, lambd, weight, check_weight)
+    return loss, c
+
+
+def barlow_twins_terms(z1: Tensor, z2: Tensor, lambd: float = 0.0051, weight: Optional[Tensor] = None,
+                       check_weight: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`barlow_twins_loss` with its two sums: (loss, C, Σ_i (1 − C_ii)², Σ_{i≠j} C_ij²), the sums
+    being the very tensors the loss adds (a training step logs them without computing them again)."""
     if z1.shape != z2.shape or z1.ndim != 2:
         raise ValueError(f"expected two (N, D) embeddings of the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
     if z1.shape[0] < 2:
@@ -41,10 +51,11 @@ def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float = 0.0051,
     if weight is not None:
         if weight.shape != (z1.shape[0],):
             raise ValueError(f"weight must be ({z1.shape[0]},), one per sample, got {tuple(weight.shape)}")
-        positive = int((weight > 0).sum())
-        if positive < 2:
-            raise ValueError(f"Barlow Twins needs at least 2 samples of positive weight to standardise over the "
-                             f"batch; {positive} of the {z1.shape[0]} weights are > 0")
+        if check_weight:
+            positive = int((weight > 0).sum())
+            if positive < 2:
+                raise ValueError(f"Barlow Twins needs at least 2 samples of positive weight to standardise over "
+                                 f"the batch; {positive} of the {z1.shape[0]} weights are > 0")
     with torch.autocast(device_type=z1.device.type, enabled=False):
         if weight is None:
             c = standardize(z1.float()).T @ standardize(z2.float()) / z1.shape[0]
@@ -54,7 +65,7 @@ def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float = 0.0051,
             c = (a * (w / w.sum().clamp_min(1e-12))[:, None]).T @ b
         on_diag, off_diag = cross_correlation_terms(c)
         loss = on_diag + lambd * off_diag
-    return loss, c
+    return loss, c, on_diag, off_diag
 
 
 def cross_correlation_terms(c: Tensor) -> tuple[Tensor, Tensor]:
@@ -127,3 +138,73 @@ def median_frequency_weights(pixel_counts: Tensor) -> Tensor:
     weights = torch.zeros_like(freq)
     weights[present] = freq[present].median() / freq[present]
     return weights.float()
+
+
+# ----------------------------------------------------------------------------------------------- DINO
+def dino_teacher_probs(teacher_logits: Sequence[Tensor], center: Tensor, teacher_temp: float) -> list[Tensor]:
+    """DINO's teacher targets: centred and sharpened softmax ``softmax((t − center) / teacher_temp)`` of each
+    global view's logits (B, K), in float32 and detached (no gradient flows through the teacher)."""
+    with torch.no_grad(), torch.autocast(device_type=center.device.type, enabled=False):
+        return [F.softmax((t.float() - center.float()) / teacher_temp, dim=-1) for t in teacher_logits]
+
+
+def _sum_views(probs: list[Tensor]) -> Tensor:
+    return probs[0] if len(probs) == 1 else torch.stack(probs).sum(dim=0)
+
+
+def dino_cross_entropy(student_logits: Sequence[Tensor], teacher_probs: Sequence[Tensor], student_temp: float) -> Tensor:
+    """Mean over the (teacher view i, student view v ≠ i) pairs of the batch-mean cross-entropy
+    −Σ_k q_i,k · log_softmax(s_v / student_temp)_k; views are matched by position (global views first).
+
+    Computed as Σ_v (Σ_{i ≠ v} q_i) · log p_v: each student log-softmax is multiplied once by the sum of
+    the teacher targets it is compared with, instead of once per pair (the official loop); the terms are
+    the same, summed in another order (float32 rounding only)."""
+    n_student, n_teacher = len(student_logits), len(teacher_probs)
+    if n_teacher < 1:
+        raise ValueError("DINO needs at least one teacher (global) view")
+    pairs = n_teacher * n_student - min(n_teacher, n_student)
+    if pairs < 1:
+        raise ValueError(f"DINO needs a (teacher view, other student view) pair: got {n_teacher} teacher and "
+                         f"{n_student} student views")
+    shape = teacher_probs[0].shape
+    for name, views in (("student_logits", student_logits), ("teacher_probs", teacher_probs)):
+        for i, view in enumerate(views):
+            if view.ndim != 2 or view.shape != shape:
+                raise ValueError(f"dino loss: {name}[{i}] is {tuple(view.shape)}; every view must be (B, K) = "
+                                 f"{tuple(shape)}")
+    with torch.autocast(device_type=teacher_probs[0].device.type, enabled=False):
+        all_teachers = _sum_views(list(teacher_probs))
+        total = teacher_probs[0].new_zeros(())
+        for v, logits in enumerate(student_logits):
+            if v < n_teacher:  # summed afresh, not all_teachers − q_v: no cancellation where q_v dominates
+                others = [q for i, q in enumerate(teacher_probs) if i != v]
+                if not others:
+                    continue
+                targets = _sum_views(others)
+            else:
+                targets = all_teachers
+            log_p = F.log_softmax(logits.float() / student_temp, dim=-1)
+            total = total - (targets * log_p).sum(dim=-1).mean()
+        return total / pairs
+
+
+def dino_loss(student_logits: Sequence[Tensor], teacher_logits: Sequence[Tensor], center: Tensor,
+              student_temp: float, teacher_temp: float) -> Tensor:
+    """DINO's self-distillation loss (Caron et al., 2021; facebookresearch/dino ``DINOLoss.forward``).
+
+    ``student_logits``: one (B, K) tensor per view, the global views first; ``teacher_logits``: one (B, K)
+    tensor per global view (the teacher sees those only); ``center`` (1, K) or (K,). The loss is the mean
+    over all (teacher view i, student view v ≠ i) pairs of the batch-mean cross-entropy between
+    softmax((t_i − center) / teacher_temp) and log_softmax(s_v / student_temp). The teacher side carries no
+    gradient. Always computed in float32 (also under autocast). The center is not updated here: that is the
+    caller's job, after the loss, with the teacher logits of the global batch (see lightningmodules/dino.py).
+    """
+    return dino_cross_entropy(student_logits, dino_teacher_probs(teacher_logits, center, teacher_temp), student_temp)
+
+
+def dino_teacher_entropies(teacher_probs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """(sum over samples of the entropy H(q) of each teacher distribution, sum over samples of q (K,)), for
+    DINO's collapse monitor: the mean entropy is the first / n, the entropy of the mean output is H(second / n).
+    Sums, so that they can be added up across devices before dividing. Natural logarithms."""
+    q = torch.cat(list(teacher_probs))
+    return torch.special.entr(q).sum(), q.sum(dim=0)

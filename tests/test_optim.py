@@ -334,3 +334,116 @@ def test_lr_scaling_note_names_the_rate_and_its_origin():
     cfg = parse_config(["--optim.lr=0.2", "--optim.lr_scaling=linear", "--data.batch_size=64"])
     assert lr_scaling_note(cfg) == "effective optim.lr: 0.05 (0.2 × global batch 64 / 256, --optim.lr_scaling linear)"
     assert lr_scaling_note(parse_config(["--optim.lr=0.2"])) == "effective optim.lr: 0.2 (--optim.lr_scaling none)"
+
+
+# ---------------------------------------------------------------- the foreach implementations (issue #16)
+class OfficialLARS(torch.optim.Optimizer):
+    """facebookresearch/barlowtwins main.py, class LARS, transcribed verbatim: the per-parameter loop."""
+
+    def __init__(self, params, lr, weight_decay=0, momentum=0.9, eta=0.001,
+                 weight_decay_filter=False, lars_adaptation_filter=False):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                        eta=eta, weight_decay_filter=weight_decay_filter,
+                        lars_adaptation_filter=lars_adaptation_filter)
+        super().__init__(params, defaults)
+
+    def exclude_bias_and_norm(self, p):
+        return p.ndim == 1
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g['params']:
+                dp = p.grad
+                if dp is None:
+                    continue
+                if not g['weight_decay_filter'] or not self.exclude_bias_and_norm(p):
+                    dp = dp.add(p, alpha=g['weight_decay'])
+                if not g['lars_adaptation_filter'] or not self.exclude_bias_and_norm(p):
+                    param_norm = torch.norm(p)
+                    update_norm = torch.norm(dp)
+                    one = torch.ones_like(param_norm)
+                    q = torch.where(param_norm > 0.,
+                                    torch.where(update_norm > 0,
+                                                (g['eta'] * param_norm / update_norm), one), one)
+                    dp = dp.mul(q)
+                param_state = self.state[p]
+                if 'mu' not in param_state:
+                    param_state['mu'] = torch.zeros_like(p)
+                mu = param_state['mu']
+                mu.mul_(g['momentum']).add_(dp)
+                p.add_(mu, alpha=-g['lr'])
+
+
+@pytest.mark.parametrize("exclude_1d", [True, False])
+def test_foreach_lars_matches_the_official_per_parameter_loop(exclude_1d):
+    """Ours (foreach, groups from parameter_groups) against the official class as the official main.py builds
+    it ([weights, biases] groups, both filters on) — or with the filters off when nothing is excluded —
+    over 6 steps with a changing learning rate, a zero-norm parameter and a frozen one. On CPU the norms are
+    summed in the same order: bitwise equal (on CUDA the foreach norm may differ by float32 round-off)."""
+    cfg = OptimConfig(name="lars", lr=0.3, weight_decay=0.05, momentum=0.9, lars_eta=0.02,
+                      bias_lr_scale=0.024, exclude_1d_from_decay=exclude_1d)
+    ours_model, ref_model = tiny_model(), tiny_model()
+    ours = build_optimizer(ours_model, cfg, lr=cfg.lr)
+    trainable = [(n, p) for n, p in ref_model.named_parameters() if p.requires_grad]
+    if exclude_1d:
+        groups = [{"params": [p for _, p in trainable if p.ndim != 1], "lr": cfg.lr},
+                  {"params": [p for _, p in trainable if p.ndim == 1], "lr": cfg.lr * cfg.bias_lr_scale}]
+    else:
+        groups = [{"params": [p for _, p in trainable], "lr": cfg.lr}]
+    ref = OfficialLARS(groups, lr=0, weight_decay=cfg.weight_decay, momentum=cfg.momentum, eta=cfg.lars_eta,
+                       weight_decay_filter=exclude_1d, lars_adaptation_filter=exclude_1d)
+    g = torch.Generator().manual_seed(3)
+    for step in range(6):
+        x, y = torch.randn(5, 3, generator=g), torch.randn(5, 2, generator=g)
+        compute_grads(ours_model, x, y)
+        compute_grads(ref_model, x, y)
+        scale = 1.0 - step / 10  # a schedule changing the groups' rates, as the official adjust_learning_rate
+        for opt_groups, peaks in ((ours.param_groups, [cfg.lr, cfg.lr * cfg.bias_lr_scale]),
+                                  (ref.param_groups, [cfg.lr, cfg.lr * cfg.bias_lr_scale])):
+            for group, peak in zip(opt_groups, peaks):
+                group["lr"] = peak * scale
+        ours.step()
+        ref.step()
+        for (n, p), (_, q) in zip(ours_model.named_parameters(), ref_model.named_parameters()):
+            assert torch.equal(p, q), f"{n} at step {step}"
+    for (n, p), (_, q) in zip(ours_model.named_parameters(), ref_model.named_parameters()):
+        if p.requires_grad:
+            assert torch.equal(ours.state[p]["mu"], ref.state[q]["mu"]), n
+    assert torch.equal(ours_model.frozen, torch.ones(2, 2))
+    assert not torch.equal(ours_model.offset, torch.zeros(3, 2))  # the zero-norm start did move (trust 1)
+
+
+def test_foreach_lars_groups_tensors_of_several_dtypes():
+    """A group may mix dtypes (foreach ops need one dtype per call): each tensor still gets its own update."""
+    a = nn.Parameter(torch.full((2, 2), 2.0, dtype=torch.float64))
+    b = nn.Parameter(torch.full((3,), 1.0))
+    a.grad, b.grad = torch.full((2, 2), 0.5, dtype=torch.float64), torch.full((3,), 0.25)
+    LARS([a, b], lr=1.0, weight_decay=0.0, momentum=0.9, eta=0.1).step()
+    # trust = 0.1 · ‖p‖ / ‖g‖, update = trust · g: a: 0.1 · 4 / 1 · 0.5 = 0.2; b: 0.1 · √3 / (0.25 √3) · 0.25 = 0.1
+    torch.testing.assert_close(a.detach(), torch.full((2, 2), 1.8, dtype=torch.float64))
+    torch.testing.assert_close(b.detach(), torch.full((3,), 0.9))
+
+
+def test_adamw_uses_foreach_on_cpu_with_the_default_loops_results():
+    """AdamW is built with foreach=True off CUDA (fused=True on CUDA, checked by benchmarks/gpu_train_step.sh):
+    on CPU its steps give bitwise the parameters of PyTorch's per-tensor loop (foreach=False)."""
+    from utils.optim import adamw_implementation
+
+    cfg = OptimConfig(name="adamw", lr=0.01, weight_decay=0.2, bias_lr_scale=0.5, exclude_1d_from_decay=True)
+    ours_model, ref_model = tiny_model(), tiny_model()
+    ours = build_optimizer(ours_model, cfg, lr=cfg.lr)
+    assert all(gr["foreach"] is True and not gr["fused"] for gr in ours.param_groups)
+    assert adamw_implementation([{"params": list(ours_model.parameters())}]) == {"foreach": True}
+    ref = torch.optim.AdamW([{k: v for k, v in gr.items() if k in ("params", "lr", "weight_decay")}
+                             for gr in parameter_groups(ref_model, cfg, cfg.lr)],
+                            lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2), foreach=False)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(4):
+        x, y = torch.randn(5, 3, generator=g), torch.randn(5, 2, generator=g)
+        compute_grads(ours_model, x, y)
+        compute_grads(ref_model, x, y)
+        ours.step()
+        ref.step()
+    for (n, p), (_, q) in zip(ours_model.named_parameters(), ref_model.named_parameters()):
+        assert torch.equal(p, q), n

@@ -8,10 +8,17 @@ from config.hparams import OptimConfig
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS as in the official Barlow Twins code (momentum SGD with layer-wise trust ratios).
+    """LARS as in the official Barlow Twins code (momentum SGD with layer-wise trust ratios), as a foreach
+    implementation: one fused call per operation over all of a group's tensors instead of a Python loop
+    over parameters (about 10 small operations per parameter per step otherwise).
 
-    Groups with ``exclude=True`` get neither weight decay nor the trust ratio (official recipe for
-    biases and BatchNorm parameters).
+    Per parameter p with gradient g (facebookresearch/barlowtwins ``main.py``, class ``LARS``):
+    d = g + weight_decay · p; q = eta · ‖p‖ / ‖d‖ if ‖p‖ > 0 and ‖d‖ > 0, else 1; d = q · d;
+    mu = momentum · mu + d; p = p − lr · mu. Groups with ``exclude=True`` skip the weight decay and the
+    trust ratio (the official recipe's filters for biases and norm parameters, there decided per tensor
+    by ``p.ndim == 1``; here :func:`parameter_groups` puts exactly those tensors in the excluded group).
+    The same arithmetic as the official per-parameter loop; only the norms' summation order may differ
+    (float round-off). No host sync.
     """
 
     def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9, eta: float = 0.001):
@@ -25,25 +32,44 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                update = p.grad
-                if not group["exclude"]:
-                    update = update.add(p, alpha=group["weight_decay"])
-                    param_norm, update_norm = torch.norm(p), torch.norm(update)
-                    one = torch.ones_like(param_norm)
-                    trust = torch.where(
-                        param_norm > 0, torch.where(update_norm > 0, group["eta"] * param_norm / update_norm, one), one
-                    )
-                    update = update.mul(trust)
-                state = self.state[p]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(p)
-                mu = state["mu"]
-                mu.mul_(group["momentum"]).add_(update)
-                p.add_(mu, alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            for p in params:
+                if "mu" not in self.state[p]:
+                    self.state[p]["mu"] = torch.zeros_like(p)
+            mus = [self.state[p]["mu"] for p in params]
+            for device_params, device_grads, device_mus in _by_device_and_dtype(params, grads, mus):
+                self._update(group, device_params, device_grads, device_mus)
         return loss
+
+    @staticmethod
+    def _update(group: dict, params: list, grads: list, mus: list) -> None:
+        if group["exclude"]:
+            updates = grads
+        else:
+            updates = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            param_norm = torch.stack(torch._foreach_norm(params))
+            update_norm = torch.stack(torch._foreach_norm(updates))
+            one = torch.ones_like(param_norm)
+            trust = torch.where(param_norm > 0.0,
+                                torch.where(update_norm > 0, group["eta"] * param_norm / update_norm, one), one)
+            torch._foreach_mul_(updates, trust.unbind())
+        torch._foreach_mul_(mus, group["momentum"])
+        torch._foreach_add_(mus, updates)
+        torch._foreach_add_(params, mus, alpha=-group["lr"])
+
+
+def _by_device_and_dtype(params: list, grads: list, mus: list):
+    """(params, grads, mus) lists split by (device, dtype): foreach operations take one of each."""
+    groups: dict = {}
+    for p, g, m in zip(params, grads, mus):
+        lists = groups.setdefault((p.device, p.dtype), ([], [], []))
+        lists[0].append(p)
+        lists[1].append(g)
+        lists[2].append(m)
+    return groups.values()
 
 
 LINEAR_SCALING_BATCH = 256  # the official Barlow Twins code: lr = base × batch / 256
@@ -105,8 +131,20 @@ def optimizer_from_groups(groups: list[dict], cfg: OptimConfig, lr: float) -> to
     if cfg.name == "adamw":
         for group in groups:
             group.pop("exclude", None)
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
+                                 **adamw_implementation(groups))
     raise ValueError(f"unknown optimiser {cfg.name!r}; valid: adamw, lars")
+
+
+def adamw_implementation(groups: list[dict]) -> dict:
+    """AdamW's fastest implementation for where the parameters are (they are on their device when
+    Lightning calls ``configure_optimizers``): ``fused=True`` with every parameter a floating-point CUDA
+    tensor (one kernel per step for all tensors), else ``foreach=True`` (on CPU bitwise the same results
+    as PyTorch's default per-tensor loop there, at a fraction of its Python cost per step)."""
+    params = [p for g in groups for p in g["params"]]
+    if params and all(p.is_cuda and p.is_floating_point() for p in params):
+        return {"fused": True}
+    return {"foreach": True}
 
 
 def rescale_checkpoint_lrs(checkpoint: dict, new_lrs: list[float]) -> None:
