@@ -4,45 +4,81 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 
+from callbacks.attention_maps import AttentionMapCallback
+from callbacks.cross_correlation import CrossCorrelationCallback, convergence_scalars
+from callbacks.dino_entropy import TeacherEntropyCallback
+from callbacks.emergence import EmergenceCallback
+from callbacks.online_probe import OnlineProbeCallback
+from callbacks.predictions import PredictionsCallback
+from callbacks.receptive_field import ReceptiveFieldCallback
+from callbacks.views import ViewPairsCallback
+from callbacks.visual import parse_indices
 from config.hparams import Hparams
 
 
-def visualisation_callbacks(cfg: Hparams) -> list[pl.Callback]:
-    from callbacks.visual import parse_indices
+PRETRAINING_TASKS = ("barlow_twins", "dino")
+"""Self-supervised tasks: their runs get the view pictures, the emergence Jaccard and the online probe (on
+the backbone evaluation probes read, :func:`callbacks.visual.backbone_of`: DINO's teacher)."""
 
+
+def _cross_correlation(cfg: Hparams) -> list[pl.Callback]:
+    if not cfg.callbacks.cross_correlation:
+        return []
+    return [CrossCorrelationCallback(block=cfg.callbacks.cross_correlation_block, every_n_epochs=cfg.callbacks.every_n_epochs)]
+
+
+def _teacher_entropy(cfg: Hparams) -> list[pl.Callback]:
+    if not cfg.callbacks.teacher_entropy:
+        return []
+    return [TeacherEntropyCallback(every_n_epochs=cfg.callbacks.every_n_epochs)]
+
+
+TRAINING_DIAGNOSTICS = {"barlow_twins": _cross_correlation, "dino": _teacher_entropy}
+"""Each pretraining task's own "is it converging" picture: Barlow Twins' cross-correlation matrices, DINO's
+teacher entropy against the entropy of its mean output (collapse monitor)."""
+
+
+def visualisation_callbacks(cfg: Hparams) -> list[pl.Callback]:
     c = cfg.callbacks
     common = {"every_n_epochs": c.every_n_epochs, "num_images": c.num_images}
     out: list[pl.Callback] = []
     if c.attention:
-        from callbacks.attention_maps import AttentionMapCallback
-
         out.append(AttentionMapCallback(blocks=parse_indices(c.attention_blocks, "--callbacks.attention_blocks"),
                                         keep=c.attention_keep, **common))
     if c.erf:
-        from callbacks.receptive_field import ReceptiveFieldCallback
-
         out.append(ReceptiveFieldCallback(layers=c.erf_layers, log_scale=c.erf_log_scale, every_n_epochs=c.every_n_epochs,
                                           num_images=c.erf_images))
-    if cfg.task == "barlow_twins":
-        if c.cross_correlation:
-            from callbacks.cross_correlation import CrossCorrelationCallback
-
-            out.append(CrossCorrelationCallback(block=c.cross_correlation_block, every_n_epochs=c.every_n_epochs))
+    if cfg.task in TRAINING_DIAGNOSTICS:
+        out += TRAINING_DIAGNOSTICS[cfg.task](cfg)
+    if cfg.task in PRETRAINING_TASKS:
         if c.views:
-            from callbacks.views import ViewPairsCallback
-
             out.append(ViewPairsCallback(**common))
         if c.emergence:
-            from callbacks.emergence import EmergenceCallback
-
             out.append(EmergenceCallback(num_images=c.emergence_images, every_n_epochs=c.emergence_every_n_epochs,
                                          keep=c.attention_keep))
         if c.online_probe:
-            from callbacks.online_probe import OnlineProbeCallback
-
             out.append(OnlineProbeCallback.from_hparams(cfg))
     if cfg.task == "segmentation" and c.predictions:
-        from callbacks.predictions import PredictionsCallback
-
         out.append(PredictionsCallback(**common))
     return out
+
+
+def callback_metrics(cfg: Hparams) -> tuple[str, ...]:
+    """The scalar names the callbacks of this config log besides the task's own (``Task.metrics``), for
+    checking a sweep's metric: the emergence Jaccard, the online probe's scores, Barlow Twins'
+    cross-correlation scalars, the epoch timer's time. Per-head Jaccard columns are left out."""
+    c = cfg.callbacks
+    names: list[str] = ["time/train_epoch_s"]
+    if cfg.task == "barlow_twins" and c.cross_correlation:
+        import torch
+
+        keys = list(convergence_scalars(torch.eye(2)))
+        names += [f"cc/{k}" for k in keys]
+        if cfg.barlow.dense_weight > 0:
+            names += [f"cc_dense/{k}" for k in keys]
+    if cfg.task in PRETRAINING_TASKS:
+        if c.emergence:
+            names.append("val/attn_jaccard")
+        if c.online_probe:
+            names += ["val/probe_mIoU", "val/probe_mIoU_fg", "val/probe_pixel_acc", "train/probe_loss"]
+    return tuple(names)

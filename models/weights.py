@@ -3,7 +3,8 @@
 Local files: a plain state dict (.pth/.pt/.bin, timm/torchvision/DINO/official Barlow Twins files), a
 .safetensors file, or a Lightning checkpoint of our own runs (``runs/<run>/checkpoints/last.ckpt``). The
 format is recognised from the file's first bytes, not its name. The key prefix (``backbone.vit.``,
-``module.``, ...) is found by matching against the target module's own keys, and missing / unexpected keys
+``module.``, ...) is found by matching against the target module's own keys (a DINO run's checkpoint gives
+its teacher backbone, ``teacher_backbone.*``, as DINO evaluates), and missing / unexpected keys
 are reported rather than silently ignored. Every failure is one :class:`WeightLoadingError` line naming the
 flag and the file (an empty, truncated or foreign file says which).
 
@@ -212,11 +213,29 @@ def strip_common_prefix(state: dict[str, torch.Tensor], target_keys: set[str]) -
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, prefix
 
 
+DINO_TEACHER_PREFIX = "teacher_"
+"""Our DINO checkpoints hold the student as ``backbone.*`` and the EMA teacher as ``teacher_backbone.*``
+(lightningmodules/dino.py). The teacher is what DINO evaluates (its k-NN, linear and segmentation results and
+attention maps are the teacher's), so :func:`choose_prefix` takes it: each known layout ``backbone.…`` is tried
+as ``teacher_backbone.…`` first."""
+
+
+def with_dino_teacher(prefixes: Sequence[str]) -> list[str]:
+    """``prefixes`` with ``teacher_backbone.…`` tried before each ``backbone.…`` (see DINO_TEACHER_PREFIX)."""
+    out: list[str] = []
+    for prefix in prefixes:
+        if prefix.startswith("backbone."):
+            out.append(DINO_TEACHER_PREFIX + prefix)
+        out.append(prefix)
+    return out
+
+
 def choose_prefix(state: dict[str, torch.Tensor], target_keys: set[str],
                   prefixes: Sequence[str]) -> tuple[dict[str, torch.Tensor], str]:
     """The first of ``prefixes`` (known layouts, e.g. our checkpoints' 'model.backbone.vit.') under which
-    some file key matches the target; otherwise the prefix found by :func:`strip_common_prefix`."""
-    for prefix in prefixes:
+    some file key matches the target; otherwise the prefix found by :func:`strip_common_prefix`. A DINO
+    checkpoint of ours gives its teacher backbone (``teacher_backbone.…``; see DINO_TEACHER_PREFIX)."""
+    for prefix in with_dino_teacher(prefixes):
         stripped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if any(k in target_keys for k in stripped):
             return stripped, prefix
@@ -261,7 +280,9 @@ def load_into(
             )
     result = module.load_state_dict(state, strict=False)
     report = LoadReport(str(path), len(matched), list(result.missing_keys), list(result.unexpected_keys), dropped)
-    if prefix:
+    if prefix.startswith(DINO_TEACHER_PREFIX):
+        log.info("%s %s: a DINO checkpoint; loading its teacher backbone (%s*), as DINO evaluates", flag, path, prefix)
+    elif prefix:
         log.info("%s %s: stripped key prefix %r", flag, path, prefix)
     if (report.missing or report.unexpected) and strict:
         raise WeightLoadingError(f"{flag} (strict, --backbone.strict_weights): {report.summary()}")

@@ -47,3 +47,36 @@ def test_probe_rows_wait_for_their_pretraining(tmp_path, capsys, monkeypatch):
     (tmp_path / "pretrain-global-e3" / "done").write_text("1\n")
     proxy_study.main(["--output-dir", str(tmp_path), "--stage", "probe", "--budgets", "3", "--heads", "linear"])
     assert calls == ["probe-random-init-vit-linear", "probe-raw-pixels-linear", "probe-bt-global-3-epochs-linear"]
+
+
+def fake_finished_run(run_dir: Path, argv: list[str], epochs: int) -> None:
+    """A run directory as main.py leaves it: config.yaml of ``argv`` and a last.ckpt that processed ``epochs``."""
+    import torch
+
+    from config.loading import parse_config, save_config
+    from tools.sweep import in_repo_root
+
+    with in_repo_root():
+        cfg = parse_config(argv)
+    (run_dir / "checkpoints").mkdir(parents=True)
+    save_config(cfg, run_dir / "config.yaml")
+    torch.save({"global_step": 7 * epochs, "loops": {"fit_loop": {"epoch_progress": {"total": {"processed": epochs}}}}},
+               run_dir / "checkpoints" / "last.ckpt")
+
+
+def test_a_finished_run_without_its_done_marker_is_not_run_again(tmp_path, monkeypatch):
+    """A study stopped between a run's end and its marker: the run directory itself says it finished."""
+    import subprocess
+
+    launched = []
+    monkeypatch.setattr(subprocess, "run", lambda command, **k: launched.append(command) or subprocess.CompletedProcess(command, 1, "", "x"))
+    flags = ["--trainer.max_epochs=3"]
+    fake_finished_run(tmp_path / "pre", ["--config", proxy_study.OBJECTIVES["global"], *flags], epochs=3)
+    assert proxy_study.run("pre", proxy_study.OBJECTIVES["global"], flags, tmp_path, []) is True
+    assert launched == [] and (tmp_path / "pre" / "done").is_file()
+    # Same directory, other config (more epochs; or another objective): it runs, resuming the checkpoint.
+    for name, config, more in (("pre2", proxy_study.OBJECTIVES["global"], ["--trainer.max_epochs=6"]),
+                               ("pre3", proxy_study.OBJECTIVES["dense"], flags)):
+        fake_finished_run(tmp_path / name, ["--config", proxy_study.OBJECTIVES["global"], *flags], epochs=3)
+        assert proxy_study.run(name, config, more, tmp_path, []) is False  # the stubbed main.py "failed"
+    assert len(launched) == 2 and all("--trainer.resume=auto" in c for c in launched)

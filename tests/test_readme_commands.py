@@ -170,6 +170,12 @@ def proxy_study_tiny(args: list[str], ctx: Context) -> list[str]:
     return ["--budgets", "1", "--heads", "linear", "--no-floors", *sets]
 
 
+def method_study_tiny(args: list[str], ctx: Context) -> list[str]:
+    sets = [x for flag in main_tiny([], ctx) for x in ("--set", flag[2:])]
+    return ["--budgets", "1", "--methods", "bt-global", "--heads", "linear", "--lrs", "0.01", "--no-floors",
+            "--probe-epochs", "1", "--max-probe-epochs", "1", *sets]
+
+
 def synthetic_voc_tiny(args: list[str], ctx: Context) -> list[str]:
     return ["--train", "4", "--val", "2", "--size", "16"]
 
@@ -198,6 +204,7 @@ TOOLS = {
     "main.py": Tool(main_sandbox, main_tiny),
     "tools.reproduce": Tool(reproduce_sandbox, reproduce_tiny),
     "tools.proxy_study": Tool(proxy_study_sandbox, proxy_study_tiny),
+    "tools.method_study": Tool(proxy_study_sandbox, method_study_tiny),
     "tools.synthetic_voc": Tool(_nothing, synthetic_voc_tiny),
     "tools.emergence": Tool(emergence_sandbox, emergence_tiny),
 }
@@ -291,6 +298,9 @@ def prepare(command: Command, ctx: Context) -> tuple[dict, str, list[str], list[
     """(environment, tool name, interpreter arguments, tool arguments); raises NotRun for pip/pytest."""
     tokens = expand(shlex.split(substitute(command.text, ctx)), ctx.sandbox)
     env = {**os.environ, **ISOLATED}
+    # A wandb service started by an in-process run of an earlier test is advertised in WANDB_SERVICE; children
+    # that inherit it share that one service, and two of them resuming copies of one run collide on its ID.
+    env.pop("WANDB_SERVICE", None)
     while tokens and re.fullmatch(r"[A-Za-z_]\w*=.*", tokens[0]):  # VAR=value command ...
         key, value = tokens.pop(0).split("=", 1)
         env[key] = value
@@ -382,7 +392,7 @@ class Runner:
     def _make_base_run(self) -> Path:
         ctx = Context(make_sandbox(self.tmp / "base"), self.data_root)
         argv = [sys.executable, "main.py", *main_tiny([], ctx), *main_sandbox([], ctx), f"--log.run_name={BASE_RUN}"]
-        done = subprocess.run(argv, cwd=ctx.sandbox, env={**os.environ, **ISOLATED}, capture_output=True, text=True,
+        done = subprocess.run(argv, cwd=ctx.sandbox, env={k: v for k, v in {**os.environ, **ISOLATED}.items() if k != "WANDB_SERVICE"}, capture_output=True, text=True,
                               timeout=TIMEOUT_S)
         assert done.returncode == 0, f"the base run failed:\n{done.stderr[-3000:]}"
         return ctx.out / BASE_RUN

@@ -3,9 +3,11 @@ failing config does not stop the others, dry runs run nothing, order and weight 
 from __future__ import annotations
 
 import csv
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,11 +41,20 @@ def read_csv(path: Path) -> dict[str, dict]:
 
 
 def no_subprocess(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"nothing should run, got {args}")
+    """No run may start; other programs (e.g. the /sbin/ldconfig that ctypes asks while torch is imported)
+    may."""
+    run, popen = subprocess.run, subprocess.Popen
 
-    monkeypatch.setattr(subprocess, "run", refuse)
-    monkeypatch.setattr(subprocess, "Popen", refuse)
+    def guard(real):
+        def launch(command, *args, **kwargs):
+            words = [str(command)] if isinstance(command, (str, os.PathLike)) else [str(w) for w in command]
+            if any(w == sys.executable or w.endswith("main.py") or w.startswith("tools.") for w in words):
+                raise AssertionError(f"nothing should run, got {command}")
+            return real(command, *args, **kwargs)
+        return launch
+
+    monkeypatch.setattr(subprocess, "run", guard(run))
+    monkeypatch.setattr(subprocess, "Popen", guard(popen))
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +167,47 @@ def test_pretraining_runs_first_and_its_checkpoint_becomes_the_backbone(tmp_path
     # every suite together: pretraining first, then table1, then table2
     every = reproduce.order([reproduce.load_experiment(p) for p in sorted(EXPERIMENTS.rglob("*.yaml"), reverse=True)])
     groups = [e.group for e in every]
-    assert groups == sorted(groups) and groups[0] == "pretrain" and len(groups) == 14
+    assert groups == sorted(groups) and groups[0] == "pretrain" and len(groups) == 16
+
+
+DINO_PRETRAIN = EXPERIMENTS / "pretrain" / "dino_vits16_voc.yaml"
+DINO_ROW = EXPERIMENTS / "table2" / "dino_voc_vits16_setr_naive.yaml"
+
+
+def test_dino_pretraining_runs_before_the_table2_row_that_uses_its_teacher(tmp_path, monkeypatch, capsys):
+    import lightningmodules  # noqa: F401  (importing torch runs ldconfig: done before subprocesses are refused)
+
+    no_subprocess(monkeypatch)
+    synthetic = ["--set", "data.dataset=synthetic", "--set", f"data.root={tmp_path}"]  # no VOC here
+    assert reproduce.main([str(DINO_ROW), str(DINO_PRETRAIN), "--dry-run", "--output-dir", str(tmp_path), *synthetic]) == 0
+    printed = capsys.readouterr().out
+    lines = [line for line in printed.splitlines() if line.startswith("[")]
+    assert lines == ["[1/2] pretrain/dino_vits16_voc.yaml: run", "[2/2] table2/dino_voc_vits16_setr_naive.yaml: run"]
+    assert f"--backbone.weights={tmp_path}/pretrain-dino-vits16-voc/checkpoints/last.ckpt" in printed
+    assert "error" not in printed
+    pretrain = reproduce.load_experiment(DINO_PRETRAIN)
+    assert (pretrain.task, pretrain.published) == ("dino", None)
+    assert reproduce.TASK_METRICS["dino"] == ("val/loss", "final")
+    # --suite table2 alone: the row names the pretraining config it needs, and nothing runs
+    assert reproduce.main([str(DINO_ROW), "--output-dir", str(tmp_path), *synthetic]) == 2
+    assert "run pretrain/dino_vits16_voc.yaml first" in capsys.readouterr().err
+
+
+def test_smoke_shrinks_dinos_head_and_crops(tmp_path):
+    flags, notes = reproduce.smoke_flags(reproduce.load_experiment(DINO_PRETRAIN), tmp_path)
+    assert {"--dino.out_dim=64", "--dino.local_crops_number=2", "--backbone.depth=2"} <= set(flags)
+    assert notes == []
+
+
+@pytest.mark.slow
+def test_smoke_trains_dino_then_segments_with_its_teacher(tmp_path):
+    assert reproduce.main([str(DINO_PRETRAIN), str(DINO_ROW), "--smoke", "--output-dir", str(tmp_path)]) == 0
+    rows = read_csv(tmp_path / "reproduce" / "table2-smoke.csv")
+    row = rows["dino_voc_vits16_setr_naive.yaml"]
+    assert row["status"] == "ran" and "backbone from run pretrain-dino-vits16-voc-smoke" in row["notes"]
+    assert float(row["measured"]) == pytest.approx(best_miou(tmp_path / row["run"]))
+    pretrain = read_csv(tmp_path / "reproduce" / "pretrain-smoke.csv")["dino_vits16_voc.yaml"]
+    assert pretrain["status"] == "ran" and pretrain["metric"] == "val/loss" and float(pretrain["measured"]) > 0
 
 
 def test_without_smoke_a_missing_dependency_or_an_invalid_config_stops_before_running(tmp_path, monkeypatch, capsys):

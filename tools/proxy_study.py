@@ -9,7 +9,8 @@
    run's CPU time, final losses and emergence Jaccard curve.
 
 Every run is `python main.py --config ...` in a subprocess, in <output-dir>/<name>/; finished runs (a
-`done` marker written after a successful exit) are skipped, so the study resumes after an interruption.
+`done` marker written after a successful exit, or a directory tools.reproduce counts as a finished run of the
+same config) are skipped, so the study resumes after an interruption.
 
     python -m tools.proxy_study --budgets 40,120 --heads linear,setr_naive,attn_fusion
     python -m tools.proxy_study --report-only
@@ -23,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from tools.reproduce import existing_run
+
 ROOT = Path(__file__).resolve().parent.parent
 OBJECTIVES = {"global": "config/proxy/pretrain.yaml", "dense": "config/proxy/pretrain_dense.yaml"}
 PROBE = "config/proxy/probe.yaml"
@@ -33,6 +36,11 @@ FLOORS = {"random-init ViT": [], "raw pixels": ["--backbone.name=pixels", "--bac
 def run(name: str, config: str, flags: list[str], out: Path, extra: list[str]) -> bool:
     run_dir = out / name
     if (run_dir / "done").is_file():
+        print(f"[skip] {name} (finished)", flush=True)
+        return True
+    if run_dir.is_dir() and finished_earlier(run_dir, ["--config", config, *flags, *extra]):
+        # finished, but the study was stopped before it could mark it
+        (run_dir / "done").write_text("finished earlier\n")
         print(f"[skip] {name} (finished)", flush=True)
         return True
     command = [sys.executable, "main.py", "--config", config, f"--log.output_dir={out}", f"--log.run_name={name}",
@@ -48,6 +56,13 @@ def run(name: str, config: str, flags: list[str], out: Path, extra: list[str]) -
     (run_dir / "done").write_text(f"{time.time() - start:.1f}\n")
     print(f"[done] {name} in {time.time() - start:.0f} s", flush=True)
     return True
+
+
+def finished_earlier(run_dir: Path, argv: list[str]) -> bool:
+    """``run_dir`` holds a finished run of exactly this config (tools.reproduce's definition: same config.yaml,
+    bookkeeping aside, and a last.ckpt that processed every epoch)."""
+    status, found = existing_run(run_dir.parent, run_dir.name, argv)
+    return status == "finished" and found == run_dir
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

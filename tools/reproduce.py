@@ -32,14 +32,15 @@ A config changed since its run (e.g. more epochs) therefore runs again instead o
 
 Tables (per config folder, e.g. ``table2``): ``<output_dir>/reproduce/table2.md`` and ``.csv`` (``-smoke``
 appended in smoke mode), one row per config: run, status, the metric (segmentation: best ``val/mIoU``;
-Barlow Twins pretraining: final ``val/loss``), the report's value (quoted in each config as ``Report's
+pretraining, Barlow Twins or DINO: final ``val/loss``), the report's value (quoted in each config as ``Report's
 mIoU (val): 0.1281``) and the difference.
 
 ``--smoke`` checks the whole pipeline in minutes on a CPU, not the numbers: synthetic VOC-layout data
 (16 train / 8 val images of 32 px), a 2-block ViT of width 32 that keeps the config's patch size,
-ResNet-50 at 32 px, 1 epoch, no workers, wandb disabled, no pictures. Nothing is downloaded: published
-weights (DINO, ImageNet, COCO) and weight files that are not there are replaced by random initialisation,
-and the table says so. Smoke runs are named ``<run>-smoke``, so they never pass for real runs.
+ResNet-50 at 32 px, DINO's head 32/16/64 wide with 2 local crops, 1 epoch, no workers, wandb disabled, no
+pictures. Nothing is downloaded: published weights (DINO, ImageNet, COCO) and weight files that are not
+there are replaced by random initialisation, and the table says so. Smoke runs are named ``<run>-smoke``, so
+they never pass for real runs.
 """
 from __future__ import annotations
 
@@ -56,6 +57,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from config.loading import ConfigError, load_yaml, parse_config, to_dict
+from config.validation import validate
+from tools.summarize import BOOKKEEPING, _default_config, flatten, read_run, run_progress
 from tools.sweep import in_repo_root
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +73,8 @@ PUBLISHED = re.compile(r"Report's mIoU \(val\): ([0-9]*\.?[0-9]+)")
 RUN_DIR_LINE = "run directory: "
 
 # What each task is judged by: (metric, which value of its series).
-TASK_METRICS = {"segmentation": ("val/mIoU", "best"), "barlow_twins": ("val/loss", "final")}
+TASK_METRICS = {"segmentation": ("val/mIoU", "best"), "barlow_twins": ("val/loss", "final"),
+                "dino": ("val/loss", "final")}
 
 SMOKE_FLAGS = {
     "data.dataset": "synthetic", "data.synthetic_train": 16, "data.synthetic_val": 8, "data.synthetic_size": 32,
@@ -81,6 +86,8 @@ SMOKE_FLAGS = {
     "callbacks.emergence": "false", "callbacks.erf": "false", "callbacks.views": "false",
     "callbacks.online_probe": "false",
     "barlow.proj_dim": 64, "segmentation.hidden_dim": 16,
+    # DINO's head 2048/256/65536 and 8 local crops shrunk; the local crops stay one patch or more
+    "dino.out_dim": 64, "dino.hidden_dim": 32, "dino.bottleneck_dim": 16, "dino.local_crops_number": 2,
 }
 SMOKE_VIT = {"backbone.depth": 2, "backbone.embed_dim": 32, "backbone.num_heads": 2}
 
@@ -167,8 +174,6 @@ def published_value(text: str) -> Optional[float]:
 
 
 def load_experiment(path: Path) -> Experiment:
-    from config.loading import ConfigError, parse_config
-
     try:
         with in_repo_root():
             cfg = parse_config(["--config", str(path)])
@@ -215,8 +220,6 @@ def config_matches(run_dir: Path, wanted: dict) -> bool:
     """The run's config.yaml is ``wanted`` (flattened), bookkeeping fields aside."""
     import yaml
 
-    from tools.summarize import BOOKKEEPING, _default_config, flatten
-
     try:
         found = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
@@ -234,8 +237,6 @@ def config_matches(run_dir: Path, wanted: dict) -> bool:
 def training_finished(run_dir: Path, max_epochs: int, max_steps: int) -> bool:
     """last.ckpt says the fit loop processed max_epochs epochs (or took max_steps steps); the one definition of a
     finished run is tools.summarize.run_progress."""
-    from tools.summarize import run_progress
-
     return run_progress(run_dir, {"trainer.max_epochs": max_epochs, "trainer.max_steps": max_steps}).finished
 
 
@@ -254,9 +255,6 @@ def glob_escape(text: str) -> str:
 
 def existing_run(output_dir: Path, run_name: str, argv: Sequence[str]) -> tuple[str, Optional[Path]]:
     """('finished' | 'partial', run directory) for a run of exactly this config, or ('new', None)."""
-    from config.loading import parse_config, to_dict
-    from tools.summarize import flatten
-
     with in_repo_root():
         cfg = parse_config(list(argv))
     wanted = flatten(to_dict(cfg))
@@ -273,8 +271,7 @@ def existing_run(output_dir: Path, run_name: str, argv: Sequence[str]) -> tuple[
 
 def measure(run_dir: Optional[Path], task: str) -> tuple[str, Optional[float]]:
     """(metric name, value) of a run directory: the task's metric, best or final per TASK_METRICS."""
-    from lightningmodules import TASKS
-    from tools.summarize import read_run
+    from lightningmodules import TASKS  # local: torch loads only to measure a run, never to plan or validate
 
     metric, which = TASK_METRICS.get(task, (TASKS.get(task).monitor, "final"))
     if run_dir is None or not (run_dir / "metrics.csv").is_file() or not (run_dir / "config.yaml").is_file():
@@ -295,8 +292,7 @@ def _flags(values: dict) -> list[str]:
 
 def smoke_flags(experiment: Experiment, tables_dir: Path) -> tuple[list[str], list[str]]:
     """(flags, notes) that shrink a config to a smoke test; notes say what was replaced."""
-    from config.loading import parse_config
-    from models.backbones import is_vit
+    from models.backbones import is_vit  # local: torch loads only for --smoke
 
     with in_repo_root():
         cfg = parse_config(["--config", str(experiment.path)])
@@ -333,8 +329,6 @@ def plan_experiment(experiment: Experiment, planned: dict[str, Plan], output_dir
 
 def _config_names_run(experiment: Experiment) -> bool:
     """The config file sets log.run_name itself (else the run name is passed as a flag)."""
-    from config.loading import load_yaml
-
     log = load_yaml(experiment.path).get("log") or {}
     return bool(isinstance(log, dict) and log.get("run_name"))
 
@@ -399,9 +393,6 @@ def _unfinished_run(weights: Path) -> Optional[str]:
 def validate_plan(plan: Plan) -> Optional[str]:
     """main.py's own checks on the flags the run will get (None when valid). A weight file an earlier
     experiment will produce is validated as absent."""
-    from config.loading import ConfigError, parse_config
-    from config.validation import validate
-
     argv = plan.argv() + (["--backbone.weights="] if plan.weights_missing and plan.depends_on else [])
     try:
         with in_repo_root():
@@ -455,8 +446,6 @@ def run_plan(plan: Plan, logs_dir: Path, index: int, total: int) -> Row:
         print(f"{prefix}: FAILED with exit status {rc}; last lines of {log_path}:\n{_tail(log_path)}", flush=True)
         return Row(e, run_dir.name, f"failed (exit {rc})", metric, None, [*plan.notes, f"log: {log_path}"], failed=True)
     with in_repo_root():
-        from config.loading import parse_config
-
         cfg = parse_config(plan.argv())
     if not training_finished(run_dir, cfg.trainer.max_epochs, cfg.trainer.max_steps):
         return Row(e, run_dir.name, "failed (stopped before the end)", metric, value, [*plan.notes, f"log: {log_path}"],

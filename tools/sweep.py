@@ -21,7 +21,8 @@ distributions wandb's first suggestions come from. Commands are built with the a
 Everything is checked before anything runs, and a problem is one :class:`SweepError` (exit status 2 from
 the command line): the file's structure, parameter names (closest config fields suggested), each value
 against its field's type (through main.py's own parser), the metric against the names the task logs
-(``lightningmodules.TASKS``), then every generated command with ``config.loading.parse_config`` +
+(``lightningmodules.TASKS``, plus what the run's callbacks log: ``val/attn_jaccard``, the online
+probe's ``val/probe_mIoU``, ...), then every generated command with ``config.loading.parse_config`` +
 ``config.validation.validate``, in the repository root, as the agent would run it.
 
 Data that is only missing *on this machine* (VOC not under ``--data.root``: a problem that
@@ -63,6 +64,10 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import yaml
+
+from config.hparams import Hparams
+from config.loading import ConfigError, build_parser, parse_config
+from config.validation import validate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MAIN_PROGRAM = "main.py"
@@ -125,8 +130,6 @@ class SweepRunError(RuntimeError):
 
 def config_fields() -> dict[str, Any]:
     """Every config field as ``dotted.name → type`` (``task``, ``seed``, ``data.root``, ...), in config order."""
-    from config.hparams import Hparams
-
     out: dict[str, Any] = {}
 
     def walk(cls: type, prefix: str) -> None:
@@ -421,8 +424,6 @@ def load_sweep(path: str | Path, overrides: Mapping[str, Any] | Sequence[str] = 
 
 def check_parameters(sweep: Sweep) -> None:
     """Names against the config fields, then every value (or distribution) against the field's type."""
-    from config.loading import ConfigError, build_parser
-
     src = _where(sweep.path)
     fields = config_fields()
     valid = [*fields, *SPECIAL_PARAMETERS]
@@ -632,7 +633,7 @@ def in_repo_root() -> Iterator[None]:
 
 def _data_missing_here(cfg: Any, message: str) -> bool:
     """True when ``message`` is the dataset's own availability check, and fetching the data would fix it."""
-    from datamodules import DATASETS
+    from datamodules import DATASETS  # local: torch loads only after the sweep file's own errors are reported
 
     if cfg.data.dataset not in DATASETS:
         return False
@@ -641,21 +642,33 @@ def _data_missing_here(cfg: Any, message: str) -> bool:
     return source.check(cfg.data) == message and source.check(fetched) is None
 
 
-def check_metric(sweep: Sweep, tasks: Iterable[str]) -> None:
-    if sweep.metric is None:
-        return
+def logged_metrics(cfg: Any) -> list[str]:
+    """Every scalar a run of ``cfg`` logs: its task's own (``lightningmodules.TASKS``) and those of the
+    callbacks it turns on (``callbacks.callback_metrics``: emergence Jaccard, online probe, ...)."""
+    # local: torch loads only after the sweep file's own errors are reported
+    from callbacks import callback_metrics
     from lightningmodules import TASKS
 
+    own = list(TASKS.get(cfg.task).metrics)
+    return own + [m for m in callback_metrics(cfg) if m not in own]
+
+
+def check_metric(sweep: Sweep, configs: Iterable[Any]) -> None:
+    """The sweep's metric is logged by every run (its task's metrics and its callbacks')."""
+    if sweep.metric is None:
+        return
+    from lightningmodules import TASKS  # local: torch loads only after the sweep file's own errors are reported
+
     name = sweep.metric["name"]
-    for task in sorted(set(tasks)):
-        if task not in TASKS:
+    for cfg in configs:
+        if cfg.task not in TASKS:
             continue  # validate() names the unknown task
-        logged = list(TASKS.get(task).metrics)
+        logged = logged_metrics(cfg)
         if name not in logged:
             close = difflib.get_close_matches(name, logged, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            raise SweepError(f"{_where(sweep.path)}: metric {name!r} is never logged by task {task!r}{hint}; "
-                             f"logged metrics: {', '.join(logged)}")
+            raise SweepError(f"{_where(sweep.path)}: metric {name!r} is never logged by task {cfg.task!r} with "
+                             f"these callbacks{hint}; logged metrics: {', '.join(logged)}")
 
 
 def _swept_values(run: SweepRun, sweep: Sweep) -> str:
@@ -669,9 +682,6 @@ def _describe(run: SweepRun, sweep: Sweep) -> str:
 
 def validate_runs(sweep: Sweep, runs: Sequence[SweepRun], strict_data: bool = True) -> list[str]:
     """Parse and validate every run's arguments with main.py's parser; returns notes (data missing here)."""
-    from config.loading import ConfigError, parse_config
-    from config.validation import validate
-
     src = _where(sweep.path)
     notes: list[str] = []
     failures: dict[str, list[SweepRun]] = collections.OrderedDict()
@@ -682,7 +692,7 @@ def validate_runs(sweep: Sweep, runs: Sequence[SweepRun], strict_data: bool = Tr
             except ConfigError as err:
                 failures.setdefault(str(err), []).append(run)
         if not failures:
-            check_metric(sweep, (r.config.task for r in runs))
+            check_metric(sweep, (r.config for r in runs))
         for run in runs:
             if run.config is None:
                 continue
@@ -749,8 +759,6 @@ def plan(path: str | Path, overrides: Mapping[str, Any] | Sequence[str] = (), co
 def _name_local_runs(sweep: Sweep, runs: list[SweepRun], interpreter: str) -> None:
     if "log.run_name" in sweep.parameters:
         return
-    from config.loading import ConfigError, parse_config
-
     for run in runs:
         try:
             with in_repo_root():
