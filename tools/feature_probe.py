@@ -43,6 +43,7 @@ from lightningmodules.segmentation import SegmentationModule
 from models.backbones import is_vit
 from models.heads import HEADS
 from models.losses import median_frequency_weights, segmentation_loss
+from tools.proxy_study import BestOfCurve
 from utils.optim import optimizer_from_groups
 from utils.quiet import silence_known_noise
 from utils.schedule import with_schedule
@@ -145,21 +146,13 @@ def _forward(segmenter, features: list[Tensor], image_size: tuple[int, int]) -> 
 
 
 @dataclass
-class ProbeResult:
+class ProbeResult(BestOfCurve):
     lr: float
     epochs: int
     curve: list[float]
     """val mIoU after each epoch."""
     curve_fg: list[float]
     seconds: float
-
-    @property
-    def best_epoch(self) -> int:
-        return max(range(len(self.curve)), key=lambda i: self.curve[i])
-
-    @property
-    def best(self) -> float:
-        return self.curve[self.best_epoch]
 
 
 def train_head(cfg: Hparams, cache: FeatureCache, metrics_path: Path | None = None) -> ProbeResult:

@@ -34,7 +34,7 @@ from typing import Callable, Optional, Sequence
 
 from config.loading import parse_config
 from config.validation import validate
-from tools.proxy_study import FLOORS, PROBE, column, read_metrics, run
+from tools.proxy_study import FLOORS, PROBE, BestOfCurve, column, read_metrics, run
 from tools.sweep import in_repo_root
 
 METHODS = {
@@ -121,20 +121,12 @@ def converged(curve: Sequence[float], tolerance: float = IMPROVEMENT_TOLERANCE) 
 
 
 @dataclass
-class RateOutcome:
+class RateOutcome(BestOfCurve):
     lr: float
     epochs: int
     curve: list[float]
     curve_fg: list[float]
     converged: bool
-
-    @property
-    def best_epoch(self) -> int:
-        return max(range(len(self.curve)), key=lambda i: self.curve[i])
-
-    @property
-    def best(self) -> float:
-        return self.curve[self.best_epoch]
 
 
 def probe_dir(out: Path, row: str, head: str, lr: float, epochs: int) -> Path:

@@ -33,6 +33,21 @@ FLOORS = {"random-init ViT": [], "raw pixels": ["--backbone.name=pixels", "--bac
                                                  "--backbone.embed_dim=0", "--backbone.num_heads=0"]}
 
 
+class BestOfCurve:
+    """A probe's per-epoch val mIoU ``curve``, read as main.py's best-checkpoint rule reads it."""
+
+    curve: list[float]
+
+    @property
+    def best_epoch(self) -> int:
+        """0-based epoch of the best val mIoU (the first, on ties)."""
+        return max(range(len(self.curve)), key=lambda i: self.curve[i])
+
+    @property
+    def best(self) -> float:
+        return self.curve[self.best_epoch]
+
+
 def run(name: str, config: str, flags: list[str], out: Path, extra: list[str]) -> bool:
     run_dir = out / name
     if (run_dir / "done").is_file():
