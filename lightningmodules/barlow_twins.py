@@ -20,7 +20,7 @@ from models.losses import barlow_twins_terms
 from models.projector import Projector
 from utils.optim import build_optimizer, effective_lr, parameter_groups, rescale_checkpoint_lrs
 from utils.schedule import with_schedule
-from utils.step_logging import StepMetrics
+from utils.step_logging import StepMetrics, StepMetricsHooks
 
 
 @contextlib.contextmanager
@@ -50,7 +50,7 @@ def concat_outputs(outputs: list):
     return torch.cat(outputs)
 
 
-class BarlowTwinsModule(pl.LightningModule):
+class BarlowTwinsModule(StepMetricsHooks, pl.LightningModule):
     """Backbone + projector trained so that the two views' embeddings cross-correlate to the identity.
 
     Logs ``{train,val}/loss``, ``/on_diag`` and ``/off_diag``; keeps the latest training cross-correlation
@@ -219,12 +219,6 @@ class BarlowTwinsModule(pl.LightningModule):
         self.last_cross_correlation, self.last_dense_cross_correlation = c, dense_c
         record_nonfinite(self, loss)
         return loss
-
-    def on_train_start(self) -> None:
-        self.train_metrics.reset()  # e.g. after the tuner's trial steps on this module
-
-    def on_train_epoch_end(self) -> None:
-        self.train_metrics.log_epoch(self)
 
     def on_validation_epoch_start(self) -> None:
         self._val_c_sum, self._val_dense_c_sum, self._val_batches = None, None, 0

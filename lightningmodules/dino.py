@@ -74,7 +74,7 @@ from models.losses import dino_cross_entropy, dino_teacher_entropies, dino_teach
 from utils.optim import effective_lr, optimizer_from_groups, parameter_groups, rescale_checkpoint_lrs
 from utils.schedule import log_effective_lr
 from utils.registry import UnknownNameError
-from utils.step_logging import StepMetrics, is_logging_step
+from utils.step_logging import StepMetrics, StepMetricsHooks, is_logging_step
 
 
 # ------------------------------------------------------------------------------------------- schedules
@@ -204,7 +204,7 @@ def crops_of(batch) -> list[Tensor]:
 
 
 # ------------------------------------------------------------------------------------------- module
-class DinoModule(pl.LightningModule):
+class DinoModule(StepMetricsHooks, pl.LightningModule):
     """Student (``backbone`` + ``head``) trained to match the EMA teacher (``teacher_backbone`` +
     ``teacher_head``) across crops; buffer ``center`` (1, out_dim).
 
@@ -342,12 +342,6 @@ class DinoModule(pl.LightningModule):
                           on_step=True, on_epoch=False, batch_size=batch_size)
         record_nonfinite(self, loss)
         return loss
-
-    def on_train_start(self) -> None:
-        self.train_metrics.reset()  # e.g. after the tuner's trial steps on this module
-
-    def on_train_epoch_end(self) -> None:
-        self.train_metrics.log_epoch(self)
 
     def student_parameters(self) -> list[nn.Parameter]:
         return [*self.backbone.parameters(), *self.head.parameters()]

@@ -24,7 +24,7 @@ from models.segmenters import build_segmenter
 from utils.optim import effective_lr, optimizer_from_groups, parameter_groups, rescale_checkpoint_lrs
 from utils.schedule import with_schedule
 from utils.segmentation_metrics import scores_from_confusion
-from utils.step_logging import StepMetrics
+from utils.step_logging import StepMetrics, StepMetricsHooks
 
 PER_CLASS_FILE = "per_class_iou.csv"
 
@@ -33,7 +33,7 @@ def class_names(num_classes: int) -> list[str]:
     return list(VOC_CLASSES) if num_classes == len(VOC_CLASSES) else [f"class_{i}" for i in range(num_classes)]
 
 
-class SegmentationModule(pl.LightningModule):
+class SegmentationModule(StepMetricsHooks, pl.LightningModule):
     """Trains the head (and the backbone when not frozen) with cross-entropy/Dice/Focal, label 255 ignored.
 
     Logs ``{train,val}/loss``, ``/mIoU``, ``/f1`` (macro) and ``/pixel_acc`` per epoch from one confusion
@@ -87,11 +87,8 @@ class SegmentationModule(pl.LightningModule):
         record_nonfinite(self, loss)
         return loss
 
-    def on_train_start(self) -> None:
-        self.train_metrics.reset()  # e.g. after the tuner's trial steps on this module
-
     def on_train_epoch_end(self) -> None:
-        self.train_metrics.log_epoch(self)
+        super().on_train_epoch_end()
         self._log_scores("train", self.train_confusion)
 
     # ---------------------------------------------------------------------------------- validation

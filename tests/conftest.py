@@ -54,3 +54,15 @@ def tiny_args(data_root: Path, output_dir: Path, run_name: str = "tiny", **overr
 def tiny(data_cache, tmp_path):
     """``tiny(run_name, **overrides)`` → flags; overrides use '__' for '.', e.g. trainer__max_epochs=1."""
     return lambda run_name="tiny", **overrides: tiny_args(data_cache, tmp_path / "runs", run_name, **overrides)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: with tiny tensors thread start-up dominates (and costs seconds when other
+    processes share the CPUs). Files of such tests say ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,13 +17,7 @@ from callbacks.attention_maps import AttentionMapCallback
 from analysis.attention import cls_attention, cls_attentions, mass_threshold_masks
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: thread start-up dominates (and costs seconds when other processes share the CPUs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def small_vit(patch: int, reg_tokens: int = 0, dynamic: bool = True, img_size: int = 32, **kwargs):

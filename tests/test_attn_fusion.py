@@ -24,13 +24,7 @@ from analysis.attention import BlockAttention, block_attentions, cls_attention
 CLASSES = 21
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: thread start-up dominates (and costs seconds when other processes share the CPUs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def seg_cfg(patch: int = 8, img: int = 32, head: str = "attn_fusion", **flags):

@@ -17,13 +17,7 @@ from callbacks import callback_metrics, visualisation_callbacks
 from callbacks.visual import backbone_of, evaluated_role, named_backbones, vit_of, wait_for_pictures
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: thread start-up dominates (and costs seconds when other processes share the CPUs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # -- a stand-in for lightningmodules.dino.DinoModule (COMMON.md interface) ----------------------------------

@@ -125,3 +125,17 @@ class StepMetrics:
     def reset(self) -> None:
         """Forget the sums (a new epoch; Lightning also starts from zero after a resume)."""
         self._sum, self._count, self._values = None, 0, {}
+
+
+class StepMetricsHooks:
+    """The LightningModule hooks of a module that logs its training scalars through ``self.train_metrics`` (a
+    :class:`StepMetrics`): list it before ``pl.LightningModule`` among the bases. A module with more to do at
+    an epoch's end overrides the hook and calls ``super()``."""
+
+    train_metrics: StepMetrics
+
+    def on_train_start(self) -> None:
+        self.train_metrics.reset()  # e.g. after the tuner's trial steps on this module
+
+    def on_train_epoch_end(self) -> None:
+        self.train_metrics.log_epoch(self)
