@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["BlockAttention", "attention_probabilities", "block_attention", "block_attentions", "cls_attention",
-           "cls_attentions", "mass_threshold_masks", "recorded_attention_inputs", "resolve_block"]
+           "cls_attentions", "mass_threshold_masks", "peak_to_mean", "recorded_attention_inputs", "relative_to_uniform",
+           "resolve_block"]
 
 
 class _Stop(Exception):
@@ -169,6 +170,21 @@ def mass_threshold_masks(attn: Tensor, keep: float = 0.6) -> Tensor:
     mask = torch.zeros_like(kept_sorted).scatter(-1, order, kept_sorted)
     return mask.reshape(attn.shape)
 
+
+
+def relative_to_uniform(attn: Tensor) -> Tensor:
+    """Each map (the last two dims) divided by its own mean: 1 everywhere for uniform attention, k on a patch
+    that gets k times its uniform share. Comparable across maps, heads, images and models of any grid size,
+    so pictures can share one colour scale. An all-zero map stays 0."""
+    mean = attn.float().mean(dim=(-2, -1), keepdim=True)
+    return torch.where(mean > 0, attn.float() / mean.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(mean))
+
+
+def peak_to_mean(attn: Tensor) -> Tensor:
+    """The flatness of each map (the last two dims): its maximum over its mean, 1 for perfectly uniform
+    attention, the number of patches for attention on a single patch; 0 for an all-zero map. Shape
+    ``attn.shape[:-2]``."""
+    return relative_to_uniform(attn).amax(dim=(-2, -1))
 
 
 # ------------------------------------------------------------------------------ full attention matrices

@@ -14,11 +14,7 @@ from callbacks.receptive_field import ReceptiveFieldCallback
 from callbacks.views import ViewPairsCallback
 from callbacks.visual import parse_indices
 from config.hparams import Hparams
-
-
-PRETRAINING_TASKS = ("barlow_twins", "dino")
-"""Self-supervised tasks: their runs get the view pictures, the emergence Jaccard and the online probe (on
-the backbone evaluation probes read, :func:`callbacks.visual.backbone_of`: DINO's teacher)."""
+from lightningmodules import TASKS
 
 
 def _cross_correlation(cfg: Hparams) -> list[pl.Callback]:
@@ -33,9 +29,10 @@ def _teacher_entropy(cfg: Hparams) -> list[pl.Callback]:
     return [TeacherEntropyCallback(every_n_epochs=cfg.callbacks.every_n_epochs)]
 
 
-TRAINING_DIAGNOSTICS = {"barlow_twins": _cross_correlation, "dino": _teacher_entropy}
-"""Each pretraining task's own "is it converging" picture: Barlow Twins' cross-correlation matrices, DINO's
-teacher entropy against the entropy of its mean output (collapse monitor)."""
+TRAINING_DIAGNOSTICS = {CrossCorrelationCallback.name: _cross_correlation, TeacherEntropyCallback.name: _teacher_entropy}
+"""The "is it converging" pictures a task's registry entry can name (``Task.diagnostic``): the two views'
+cross-correlation matrices (Barlow Twins), a teacher's entropy against the entropy of its mean output (DINO's
+collapse monitor)."""
 
 
 def visualisation_callbacks(cfg: Hparams) -> list[pl.Callback]:
@@ -48,17 +45,18 @@ def visualisation_callbacks(cfg: Hparams) -> list[pl.Callback]:
     if c.erf:
         out.append(ReceptiveFieldCallback(layers=c.erf_layers, log_scale=c.erf_log_scale, every_n_epochs=c.every_n_epochs,
                                           num_images=c.erf_images))
-    if cfg.task in TRAINING_DIAGNOSTICS:
-        out += TRAINING_DIAGNOSTICS[cfg.task](cfg)
-    if cfg.task in PRETRAINING_TASKS:
+    task = TASKS.get(cfg.task)
+    if task.diagnostic is not None:
+        out += TRAINING_DIAGNOSTICS[task.diagnostic](cfg)
+    if task.pretraining:
         if c.views:
             out.append(ViewPairsCallback(**common))
         if c.emergence:
             out.append(EmergenceCallback(num_images=c.emergence_images, every_n_epochs=c.emergence_every_n_epochs,
-                                         keep=c.attention_keep))
+                                         keep=c.attention_keep, corloc=c.emergence_corloc))
         if c.online_probe:
             out.append(OnlineProbeCallback.from_hparams(cfg))
-    if cfg.task == "segmentation" and c.predictions:
+    if not task.pretraining and c.predictions:
         out.append(PredictionsCallback(**common))
     return out
 
@@ -69,16 +67,19 @@ def callback_metrics(cfg: Hparams) -> tuple[str, ...]:
     cross-correlation scalars, the epoch timer's time. Per-head Jaccard columns are left out."""
     c = cfg.callbacks
     names: list[str] = ["time/train_epoch_s"]
-    if cfg.task == "barlow_twins" and c.cross_correlation:
+    task = TASKS.get(cfg.task)
+    if task.diagnostic == CrossCorrelationCallback.name and c.cross_correlation:
         import torch
 
         keys = list(convergence_scalars(torch.eye(2)))
         names += [f"cc/{k}" for k in keys]
         if cfg.barlow.dense_weight > 0:
             names += [f"cc_dense/{k}" for k in keys]
-    if cfg.task in PRETRAINING_TASKS:
+    if task.pretraining:
         if c.emergence:
             names.append("val/attn_jaccard")
+            if c.emergence_corloc:
+                names += ["val/corloc_lost", "val/corloc_tokencut"]
         if c.online_probe:
             names += ["val/probe_mIoU", "val/probe_mIoU_fg", "val/probe_pixel_acc", "train/probe_loss"]
     return tuple(names)

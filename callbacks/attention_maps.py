@@ -19,16 +19,21 @@ from typing import Optional, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
 from torch import Tensor
 
 from callbacks.visual import (VisualisationCallback, cls_attention_problem, denormalise, eval_mode, named_backbones,
                               save_figure, vit_in)
-from analysis.attention import cls_attentions, mass_threshold_masks
+from analysis.attention import cls_attentions, mass_threshold_masks, peak_to_mean, relative_to_uniform
 from utils.figures import subplots
 
 CELL_INCHES = 1.7
 HEATMAP = "inferno"
 MEAN_MASK_COLOUR = "#00e5ff"
+MIN_SCALE_TOP = 2.0
+"""The common colour scale of the heat maps runs (logarithmically) from 1/top to top times uniform attention,
+top at least this: a figure of near-flat maps (all ≈1) shows them as one flat mid colour instead of stretching
+noise to full contrast."""
 
 
 class AttentionMapCallback(VisualisationCallback):
@@ -108,6 +113,14 @@ class AttentionMapCallback(VisualisationCallback):
         return main_path
 
 
+def log_position(relative: np.ndarray, top: float) -> np.ndarray:
+    """Colour-map position in [0, 1] of attention relative to uniform on the log scale 1/top .. top: 1 (uniform)
+    at 0.5, top at 1, 1/top and below (and 0) at 0."""
+    with np.errstate(divide="ignore"):
+        position = 0.5 + 0.5 * np.log(relative) / np.log(top)
+    return np.clip(np.nan_to_num(position, nan=0.0, neginf=0.0), 0.0, 1.0)
+
+
 def _upsample(grid: np.ndarray, height: int, width: int) -> np.ndarray:
     """Nearest-neighbour upsampling of a patch grid to the image size (each patch a solid block)."""
     return np.kron(grid, np.ones((height // grid.shape[0], width // grid.shape[1]), dtype=grid.dtype))
@@ -130,9 +143,13 @@ def attention_figure(images: Tensor, attn: Tensor, block: int, depth: int, epoch
     of dozens of matplotlib axes costs seconds per figure; this costs a fraction of that).
 
     ``images``: (B, 3, H, W) ImageNet-normalised; ``attn``: (B, heads, H/p, W/p) CLS attention
-    (:func:`analysis.attention.cls_attention`). Each heat map is scaled from its own min to its max; the
-    number under it is max / mean (≈1: uniform attention). ``role`` (e.g. ``teacher``) names the backbone in
-    the title when a module has several.
+    (:func:`analysis.attention.cls_attention`). Every heat map shows attention relative to uniform (value /
+    the map's mean, :func:`analysis.attention.relative_to_uniform`) on one logarithmic colour scale shared by
+    the whole figure, centred on 1 (uniform) and running from 1/top to top, top = max(MIN_SCALE_TOP, the
+    largest value drawn), with a colour bar: flat maps are one flat mid colour, peaked ones stand out, a single
+    very peaked map does not blacken all others, and maps can be compared with each other. Each panel also prints its flatness, max / mean
+    (≈1: uniform attention). ``role`` (e.g. ``teacher``) names the backbone in the title when a module has
+    several.
     """
     import matplotlib
 
@@ -143,7 +160,10 @@ def attention_figure(images: Tensor, attn: Tensor, block: int, depth: int, epoch
     mean = attn.mean(dim=1)
     mean_masks = mass_threshold_masks(mean, keep).numpy()
     head_masks = mass_threshold_masks(attn, keep).numpy()
-    attn_np, mean_np = attn.numpy(), mean.numpy()
+    relative = relative_to_uniform(torch.cat([attn, mean[:, None]], dim=1))  # (B, heads + 1, h, w)
+    flatness = peak_to_mean(torch.cat([attn, mean[:, None]], dim=1)).numpy()
+    top = max(MIN_SCALE_TOP, float(relative.max()))
+    relative_np = relative.numpy()
     cmap = matplotlib.colormaps[HEATMAP]
     palette = matplotlib.colormaps["tab10" if heads <= 10 else "tab20"]
     head_colours = [np.array(palette(h % palette.N)[:3]) for h in range(heads)]
@@ -161,11 +181,9 @@ def attention_figure(images: Tensor, attn: Tensor, block: int, depth: int, epoch
     for row in range(batch):
         picture = pictures[row]
         put(row, 0, picture)
-        for col, grid in enumerate(list(attn_np[row]) + [mean_np[row]], start=1):
-            low, high = float(grid.min()), float(grid.max())
-            put(row, col, cmap((_upsample(grid, height, width) - low) / max(high - low, 1e-12))[..., :3])
-            m = float(grid.mean())
-            ratios.append((row, col, f"{high / m:.3g}" if m > 0 else "no mass"))
+        for col, grid in enumerate(relative_np[row], start=1):
+            put(row, col, cmap(log_position(_upsample(grid, height, width), top))[..., :3])
+            ratios.append((row, col, f"{flatness[row, col - 1]:.3g}" if flatness[row, col - 1] > 0 else "no mass"))
         mask = _upsample(mean_masks[row], height, width)
         tile = np.where(mask[..., None], picture, 0.3 * picture)
         tile[_outline(mask)] = cyan
@@ -188,13 +206,19 @@ def attention_figure(images: Tensor, attn: Tensor, block: int, depth: int, epoch
                 fontweight="bold" if 1 <= col <= heads else None)
     for row in range(batch):
         ax.text(-gap, row * (height + gap) + height / 2, f"image {row}", ha="right", va="center", fontsize=8, rotation=90)
-    for row, col, text in ratios:
-        ax.text(col * (width + gap) + width / 2, row * (height + gap) + height + 1, f"max/mean {text}",
-                ha="center", va="top", fontsize=6)
+    for row, col, text in ratios:  # inside the panel, readable on any colour
+        ax.text(col * (width + gap) + 1, row * (height + gap) + 1, f"max/mean {text}", ha="left", va="top",
+                fontsize=7, color="white", bbox=dict(facecolor="black", alpha=0.55, pad=1.0, linewidth=0))
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import LogNorm
+
+    bar = figure.colorbar(ScalarMappable(LogNorm(1.0 / top, top), cmap), ax=ax, fraction=0.012, pad=0.01)
+    bar.set_label("attention / uniform (1 = flat), log scale", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
     which = f"block {block} (the last of {depth})" if block == depth - 1 else f"block {block} (of 0..{depth - 1})"
     whose = f"{role} " if role else ""
     figure.suptitle(f"{whose}CLS-token attention · {which} · epoch {epoch}\n"
-                    f"each map scaled from its min to its max (below it: max / mean) · "
+                    f"one colour scale for every map: attention relative to uniform, 1/{top:.3g} to {top:.3g} (log) · "
                     f"masks keep {keep:.0%} of the attention mass", fontsize=10)
     figure.subplots_adjust(left=0.03, right=0.99, bottom=0.02, top=1 - 0.9 / (cell * batch * 1.12 + 0.9))
     return figure

@@ -23,9 +23,11 @@ from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Checkpoint
+from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from utils.signals import received as startup_signal
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +172,7 @@ class RunCheckpoint(Checkpoint):
         self.last_good_step: Optional[int] = None
         self._saved_at_step: Optional[int] = None
         self._flush_pending = False
+        self._saving_epoch_end = False
 
     @property
     def last_path(self) -> Path:
@@ -183,6 +186,10 @@ class RunCheckpoint(Checkpoint):
         if trainer.ckpt_path and Path(trainer.ckpt_path).is_file():
             self.last_good = Path(trainer.ckpt_path)
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self.last_good is not None:  # resumed: the state just restored is the checkpoint's
+            self.last_good_step = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self.every_n_steps or trainer.global_step % self.every_n_steps:
             return
@@ -192,7 +199,11 @@ class RunCheckpoint(Checkpoint):
         self.save(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.save(trainer, pl_module)
+        self._saving_epoch_end = True
+        try:
+            self.save(trainer, pl_module)
+        finally:
+            self._saving_epoch_end = False
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         # The epoch-level metrics of the previous epoch were logged after its checkpoint: write them now.
@@ -212,6 +223,10 @@ class RunCheckpoint(Checkpoint):
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit" and not trainer.sanity_checking:
             if self._saved_at_step == trainer.global_step and self.last_path.is_file():
                 return  # the state of this very step is already on disk
+            if self.last_good is not None and self.last_good_step == trainer.global_step:
+                return  # stopped before the first step of a resumed run: its checkpoint holds this very state
+            if trainer.global_step == 0 and self.last_good is None:
+                return  # stopped before the first step of a new run: nothing to keep (resume auto starts it over)
             try:
                 self.save(trainer, pl_module)
             except (NonFiniteStateError, CheckpointWriteError) as err:
@@ -235,6 +250,8 @@ class RunCheckpoint(Checkpoint):
                 f"{bad} became non-finite (NaN/inf) by step {trainer.global_step}; no checkpoint of it was "
                 f"written. The last good checkpoint is {where}. Try a lower --optim.lr, "
                 f"--trainer.gradient_clip_val, a larger --data.batch_size, or --trainer.precision=32-true.")
+        if self._saving_epoch_end:
+            write_epoch_metrics(trainer)
         flush_csv(trainer)
         trainer.save_checkpoint(self.last_path, weights_only=False)
         self._saved_at_step = trainer.global_step
@@ -242,8 +259,96 @@ class RunCheckpoint(Checkpoint):
         self.last_good, self.last_good_step = self.last_path, trainer.global_step
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        # Where in the run this state is, checked by a resume against its config (config/resume.py:
+        # check_continuity): after an epoch end every batch of that epoch is done; else the epoch is in progress.
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        # this callback's epoch-end save, or the best checkpoint's (saved in the same hook, just before)
+        at_epoch_end = self._saving_epoch_end or (bool(progress.is_last_batch) and trainer.training
+                                                  and not trainer.validating)
+        batches = int(progress.current.processed)  # "completed" counts the current batch only after its hooks
         checkpoint[META_KEY] = {**self.run_meta, "global_step": trainer.global_step,
-                                "epoch": trainer.current_epoch}
+                                "epoch": trainer.current_epoch,
+                                "epochs_completed": trainer.current_epoch + (1 if at_epoch_end else 0),
+                                "batches_into_epoch": 0 if at_epoch_end else batches}
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """``best-*.ckpt``: Lightning's ``ModelCheckpoint`` (top 1 by the task's validation metric), made right
+    across resumes.
+
+    - It must come before :class:`RunCheckpoint` in the callback list (both save in the epoch-end hook, in
+      list order): ``last.ckpt`` then holds the best state *including* the epoch that just ended. In the
+      other order a resumed run started from the previous epoch's best and kept a worse checkpoint as best.
+    - A best checkpoint written after the state a run resumes from (the process died between the two
+      writes, or the run was rewound) is not in the restored state: it is removed when training starts,
+      and written again if the resumed run finds it best again. Only ``best-*.ckpt`` files are touched.
+    - A moved run directory keeps its best state (Lightning drops it when the directory differs): the
+      recorded paths are mapped into the new ``checkpoints/`` by file name.
+    """
+
+    PREFIX = "best-"
+
+    def __init__(self, dirpath: str | Path, monitor: str, mode: str):
+        super().__init__(dirpath=str(dirpath), monitor=monitor, mode=mode, save_top_k=1,
+                         filename=self.PREFIX + "e{epoch:03d}-s{step}", auto_insert_metric_name=False)
+        self._restored = False
+
+    @property
+    def state_key(self) -> str:
+        # Lightning's key ("ModelCheckpoint{...}") so that checkpoints written before this class load into it.
+        return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__):]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        old = state.get("dirpath")
+        if old and self.dirpath and Path(old) != Path(self.dirpath):
+            def moved(path: Any) -> Any:
+                return str(Path(self.dirpath) / Path(path).name) if isinstance(path, str) and path else path
+
+            state["dirpath"] = self.dirpath
+            for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+                if key in state:
+                    state[key] = moved(state[key])
+            state["best_k_models"] = {moved(k): v for k, v in (state.get("best_k_models") or {}).items()}
+        super().load_state_dict(state)
+        self._restored = True
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if not (self._restored and trainer.is_global_zero and self.dirpath):
+            return
+        keep = {Path(p).name for p in self.best_k_models}
+        for path in Path(self.dirpath).glob(f"{self.PREFIX}*.ckpt"):
+            if path.name not in keep:
+                log.info("removing %s: written after the checkpoint this run resumes from", path)
+                try:
+                    path.unlink()
+                except OSError:
+                    pass
+
+    def best_checkpoint(self) -> Optional[tuple[float, Path]]:
+        """(score, path) of the best checkpoint on disk, or None."""
+        if self.best_model_score is None or not self.best_model_path:
+            return None
+        path = Path(self.best_model_path)
+        return (float(self.best_model_score), path) if path.is_file() else None
+
+
+def write_epoch_metrics(trainer: pl.Trainer) -> None:
+    """Send the metrics logged for the ending training epoch (epoch means, epoch-end scores) to the loggers now.
+
+    Lightning sends them after every epoch-end hook, so after the epoch-end checkpoint: a kill -9 in between
+    left a checkpoint that says the epoch is done and a metrics.csv without its epoch row, and the resumed run
+    never writes it. This is what the fit loop does then (pytorch-lightning 2.6 ``_FitLoop.on_advance_end``:
+    logged at the epoch's last step, the results reset); the fit loop then finds nothing left to send."""
+    connector = getattr(trainer, "_logger_connector", None)
+    if connector is None or trainer.sanity_checking:
+        return
+    epoch_loop = trainer.fit_loop.epoch_loop
+    epoch_loop._batches_that_stepped -= 1
+    try:
+        connector.update_train_epoch_metrics()
+    finally:
+        epoch_loop._batches_that_stepped += 1
 
 
 def flush_csv(trainer: pl.Trainer) -> None:
@@ -272,13 +377,31 @@ class StopOnSignal(pl.Callback):
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum, frame) -> None:
+        if self._trainer is None or self._trainer.state.status != pl.trainer.states.TrainerStatus.RUNNING:
+            # No fit to stop: Lightning's teardown puts this handler back after a failed fit or a tuner run (it
+            # restores what it found). The signal then does what it does without us: Ctrl-C interrupts at once.
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+            signal.raise_signal(signum)
+            return
         if signum == signal.SIGINT and self.received is not None:
             raise KeyboardInterrupt  # asked twice: stop now, without a checkpoint
         if self.received is None:
             self.received = signum
             log.warning("received %s: stopping at the next step with a checkpoint", signal.Signals(signum).name)
         if self._trainer is not None:
-            self._trainer._signal_connector.received_sigterm = True
+            if self._trainer.validating and not self._trainer.sanity_checking:
+                # Lightning would stop in the middle of validation, and a checkpoint of that state resumes
+                # without the epoch's validation: stop after it (at the epoch end, with its checkpoint).
+                # (For SIGTERM, Lightning's own handler runs just before this one and has set the flag: unset.)
+                self._stop_after_validation = True
+                self._trainer._signal_connector.received_sigterm = False
+            else:
+                self._trainer._signal_connector.received_sigterm = True
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if getattr(self, "_stop_after_validation", False):
+            self._stop_after_validation = False
+            trainer._signal_connector.received_sigterm = True
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit" or threading.current_thread() is not threading.main_thread():
@@ -287,6 +410,15 @@ class StopOnSignal(pl.Callback):
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._handler)
+        if startup_signal() is not None and self.received is None:
+            # received during start-up (utils/signals.py), after its last safe point: stop before the first step
+            self._handler(startup_signal(), None)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # A signal received before training started (during start-up, setup or the checkpoint's restore) stops
+        # the run now: Lightning itself would only look after the first training step.
+        if self.received is not None:
+            raise SIGTERMException()
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         for signum, handler in self._previous.items():

@@ -8,11 +8,16 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from analysis.receptive_field import resnet_layer_names, vit_layer_indices
-from callbacks import PRETRAINING_TASKS
 from callbacks.visual import parse_indices
 from config.hparams import Hparams
-from models.backbones import check_backbone_name, is_vit, resolve_architecture
+from lightningmodules import TASKS
+from models.backbones import backbone_kind, check_backbone_name, has_attention, is_vit, resolve_architecture
 from utils.registry import UnknownNameError
+
+
+def pretraining(cfg: Hparams) -> bool:
+    """Whether ``cfg.task`` is a self-supervised pretraining task (its registry entry says so)."""
+    return cfg.task in TASKS and TASKS.get(cfg.task).pretraining
 
 
 def check_attention_blocks(cfg: Hparams) -> Optional[str]:
@@ -32,7 +37,7 @@ def check_attention_blocks(cfg: Hparams) -> Optional[str]:
 
 def check_emergence(cfg: Hparams) -> Optional[str]:
     c = cfg.callbacks
-    if c.emergence and cfg.task in PRETRAINING_TASKS and is_vit(cfg.backbone.name) and cfg.backbone.name != "pixels":
+    if c.emergence and pretraining(cfg) and is_vit(cfg.backbone.name) and has_attention(cfg.backbone.name):
         patch = resolve_architecture(cfg.backbone)["patch_size"]
         if c.emergence_img_size % patch:
             return (f"--callbacks.emergence_img_size={c.emergence_img_size} is not a multiple of the patch "
@@ -42,7 +47,7 @@ def check_emergence(cfg: Hparams) -> Optional[str]:
 
 def check_online_probe(cfg: Hparams) -> Optional[str]:
     # Asked for explicitly (it is off by default), so a backbone it cannot probe is an error, not a warning.
-    if cfg.callbacks.online_probe and cfg.task in PRETRAINING_TASKS and not is_vit(cfg.backbone.name):
+    if cfg.callbacks.online_probe and pretraining(cfg) and not is_vit(cfg.backbone.name):
         return (f"--callbacks.online_probe needs a ViT backbone (it trains a linear head on patch "
                 f"tokens); --backbone.name={cfg.backbone.name} is a CNN")
     return None
@@ -61,7 +66,7 @@ def check_erf_layers(cfg: Hparams) -> Optional[str]:
     try:
         if is_vit(cfg.backbone.name):
             vit_layer_indices(resolve_architecture(cfg.backbone)["depth"], cfg.callbacks.erf_layers)
-        elif cfg.backbone.name == "resnet50":
+        elif backbone_kind(cfg.backbone.name) == "cnn":
             resnet_layer_names(cfg.callbacks.erf_layers)
     except ValueError as err:
         return str(err)

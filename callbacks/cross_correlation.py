@@ -1,7 +1,8 @@
 """The Barlow Twins cross-correlation matrix: the "is it converging" picture the loss alone hides.
 
-Heatmaps of the latest training matrix and the epoch-averaged validation matrix on a fixed colour scale
-(≈0 cyan-blue, 1 red, as in the report) with a colour bar, also once before training starts (a
+Heatmaps of the latest training matrix and the epoch-averaged validation matrix on a fixed diverging colour
+scale centred on 0 (-1 blue, 0 white, 1 red; the same range in every picture, so a diagonal of 0.5 is visibly
+half way to the target) with a colour bar, also once before training starts (a
 DINO-initialised backbone shows its near-identity start); for wide projectors the top-left k×k block at
 full resolution beside the whole matrix. Every matrix cell gets a whole number of pixels (k × k, panels of
 about PANEL_PX pixels), so the picture never aliases (a 512×512 matrix drawn into fewer pixels shows moiré
@@ -24,8 +25,10 @@ from callbacks.visual import eval_mode, save_figure, wait_for_pictures
 from models.losses import barlow_twins_loss
 from utils.step_logging import is_logging_step
 
-# Fixed scale: 0 sits at the cyan-blue third of "jet", 1 at its red end; negative values stay blue.
-VMIN, VMAX, CMAP = -0.5, 1.0, "jet"
+# Fixed diverging scale centred on 0 over the whole range a correlation can take: uncorrelated is white, the
+# target diagonal (1) dark red, anti-correlation blue. A sequential map such as "jet" made 0.47 look like
+# background and hid a half-learnt diagonal.
+VMIN, VMAX, CMAP = -1.0, 1.0, "RdBu_r"
 MAX_CELLS = 512
 """Widest matrix drawn cell by cell (one pixel or more each); wider ones are pooled to at most this many cells."""
 PANEL_PX = 384
@@ -122,11 +125,12 @@ class CrossCorrelationCallback(pl.Callback):
         # values Lightning writes (every log_every_n_steps), not on the others, where they would be discarded.
         if not is_logging_step(trainer):
             return
-        c: Optional[Tensor] = getattr(pl_module, "last_cross_correlation", None)
+        # the interface of lightningmodules/base.py: None until the module's first step / without a dense term
+        c: Optional[Tensor] = pl_module.last_cross_correlation
         if c is None:
             return
         scalars = {f"cc/{k}": v for k, v in convergence_scalars(c).items()}
-        dense: Optional[Tensor] = getattr(pl_module, "last_dense_cross_correlation", None)
+        dense: Optional[Tensor] = pl_module.last_dense_cross_correlation
         if dense is not None:  # the dense term's own matrix (barlow.dense_weight > 0)
             scalars.update({f"cc_dense/{k}": v for k, v in convergence_scalars(dense).items()})
         pl_module.log_dict(scalars, on_step=True, on_epoch=False)
@@ -142,15 +146,11 @@ class CrossCorrelationCallback(pl.Callback):
         last = trainer.max_epochs is not None and epoch == trainer.max_epochs - 1
         if not trainer.is_global_zero or not (epoch % self.every_n_epochs == 0 or last):
             return
-        matrices = {}
-        if getattr(pl_module, "last_cross_correlation", None) is not None:
-            matrices["train (latest batch)"] = pl_module.last_cross_correlation
-        if getattr(pl_module, "val_cross_correlation", None) is not None:
-            matrices["val (epoch mean)"] = pl_module.val_cross_correlation
-        if getattr(pl_module, "last_dense_cross_correlation", None) is not None:
-            matrices["dense train (latest)"] = pl_module.last_dense_cross_correlation
-        if getattr(pl_module, "val_dense_cross_correlation", None) is not None:
-            matrices["dense val (epoch mean)"] = pl_module.val_dense_cross_correlation
+        candidates = {"train (latest batch)": pl_module.last_cross_correlation,
+                      "val (epoch mean)": pl_module.val_cross_correlation,
+                      "dense train (latest)": pl_module.last_dense_cross_correlation,
+                      "dense val (epoch mean)": pl_module.val_dense_cross_correlation}
+        matrices = {name: c for name, c in candidates.items() if c is not None}
         if matrices:
             self._save(trainer, matrices, f"e{epoch:03d}", f"epoch {epoch}, step {trainer.global_step}")
 

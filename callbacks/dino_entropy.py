@@ -48,6 +48,7 @@ from torch import Tensor
 
 from callbacks.emergence import tuning
 from callbacks.visual import save_figure, wait_for_pictures
+from lightningmodules.base import TaskModule
 from utils.figures import subplots
 
 ENTROPY_ATTR = "last_teacher_entropy"
@@ -58,13 +59,12 @@ INITIAL_CAPACITY = 1024  # steps; the device buffer doubles when full
 
 
 def output_dim(pl_module: pl.LightningModule) -> Optional[int]:
-    """K, the number of dimensions the teacher's softmax is over: the width of the module's ``center``
-    buffer, else ``cfg.dino.out_dim``; None when neither is there."""
+    """K, the number of dimensions the teacher's softmax is over: a task module's declared ``output_dim``
+    (lightningmodules/base.py); for another module, the width of its ``center`` buffer; None when unknown."""
+    if isinstance(pl_module, TaskModule):
+        return pl_module.output_dim
     center = getattr(pl_module, "center", None)
-    if isinstance(center, Tensor) and center.ndim >= 1:
-        return int(center.shape[-1])
-    out_dim = getattr(getattr(getattr(pl_module, "cfg", None), "dino", None), "out_dim", None)
-    return int(out_dim) if out_dim else None
+    return int(center.shape[-1]) if isinstance(center, Tensor) and center.ndim >= 1 else None
 
 
 def block_means(steps: list[int], values: Tensor, max_points: int = MAX_POINTS) -> tuple[list[float], Tensor, int]:
@@ -155,6 +155,8 @@ class TeacherEntropyCallback(pl.Callback):
         self._batch_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # The interface of lightningmodules/base.py (None until the module's first step); a module outside it
+        # (not a TaskModule, e.g. a plain LightningModule) has no entropies and records nothing.
         entropy = getattr(pl_module, ENTROPY_ATTR, None)
         mean_entropy = getattr(pl_module, MEAN_ENTROPY_ATTR, None)
         if entropy is None or mean_entropy is None or not self.recording(trainer):

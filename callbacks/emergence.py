@@ -38,6 +38,8 @@ from datamodules.barlow_twins import evenly_spaced
 from datamodules.images import DataError
 from datamodules.segmentation import load_mask
 from datamodules.voc import image_path, read_split, voc_dir
+from datamodules.voc_detection import annotation_path, detection_ids, year_dir
+from analysis.discovery import discover
 from analysis.emergence import (DINO_IMG_SIZE, EmergenceScore, check_protocol, dino_position_embedding,
                              dino_preprocess, emergence_jaccard, label_folders, normalize)
 
@@ -153,10 +155,13 @@ class EmergenceCallback(pl.Callback):
     backbone is not a ViT with a class token or the validation split has no masks."""
 
     def __init__(self, num_images: int = 64, every_n_epochs: int = 1, keep: float = 0.6,
-                 protocol: Optional[str] = None, img_size: Optional[int] = None):
+                 protocol: Optional[str] = None, img_size: Optional[int] = None, corloc: bool = False):
         """``protocol`` (``dino``/``strict``) and ``img_size`` default to the run's
         ``--callbacks.jaccard_protocol`` and ``--callbacks.emergence_img_size`` (read from the module's config
-        at setup), else to ``dino`` at 512 px."""
+        at setup), else to ``dino`` at 512 px. ``corloc``: with every measurement also CorLoc of LOST and
+        TokenCut (``val/corloc_lost``, ``val/corloc_tokencut``, :mod:`analysis.discovery`) on ``num_images``
+        evenly spaced images of the VOC 2012 detection val split (``Annotations/``, ``ImageSets/Main/val.txt``)
+        at their own size."""
         if num_images < 1 or every_n_epochs < 1 or not 0 < keep <= 1 or (img_size is not None and img_size < 1):
             raise ValueError(f"num_images, every_n_epochs and img_size must be >= 1 and keep in (0, 1]; got "
                              f"{num_images}, {every_n_epochs}, {img_size}, {keep}")
@@ -167,6 +172,8 @@ class EmergenceCallback(pl.Callback):
         self.keep = keep
         self.protocol = protocol
         self.img_size = img_size
+        self.corloc = corloc
+        self._corloc_ids: Optional[list[str]] = None
         self.enabled = True
         self._data: Optional[tuple[Tensor, list[Tensor]]] = None
         self.last_logged: Optional[dict] = None  # {"step": global step, "metrics": {...}} of the latest measurement
@@ -208,6 +215,18 @@ class EmergenceCallback(pl.Callback):
                 return None
             self._data = load_emergence_set(root, ids, self.img_size, self.protocol)
         return self._data
+
+    def corloc_data(self, trainer: pl.Trainer) -> Optional[list[str]]:
+        """The fixed CorLoc image ids (detection val split), or None (CorLoc then turns itself off, warning)."""
+        if self._corloc_ids is None and self.corloc:
+            root = Path(trainer.datamodule.root)
+            try:
+                self._corloc_ids = evenly_spaced(detection_ids(root, "2012", "val"), self.num_images)
+            except DataError as err:
+                log.warning("CorLoc (val/corloc_lost, val/corloc_tokencut) is off: %s (under %s)", err,
+                            year_dir(root, "2012"))
+                self.corloc = False
+        return self._corloc_ids if self.corloc else None
 
     # -- schedule ------------------------------------------------------------------------------------
     def active(self, trainer: pl.Trainer) -> bool:
@@ -258,6 +277,13 @@ class EmergenceCallback(pl.Callback):
             self.enabled = False
             return score
         metrics = score_metrics(score)
+        ids = self.corloc_data(trainer)
+        if ids:
+            root = Path(trainer.datamodule.root)
+            with torch.no_grad(), eval_mode(pl_module):
+                found = discover(vit_of(pl_module), [year_dir(root, "2012") / "JPEGImages" / f"{i}.jpg" for i in ids],
+                                 [annotation_path(root, "2012", i) for i in ids], ids, pl_module.device)
+            metrics.update({"val/corloc_lost": found.lost, "val/corloc_tokencut": found.tokencut})
         self.last_logged = {"step": trainer.global_step, "metrics": metrics}
         self.history.append((trainer.global_step, score.jaccard))
         log_now(trainer, metrics)

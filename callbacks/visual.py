@@ -20,6 +20,7 @@ from torch import Tensor
 
 from datamodules.images import load_rgb
 from datamodules.transforms import segmentation_eval_transform
+from lightningmodules.base import TaskModule
 from utils.figures import log_image
 
 log = logging.getLogger(__name__)
@@ -157,10 +158,13 @@ teacher, as DINO evaluates (k-NN, linear probe, attention maps and segmentation 
 
 
 def named_backbones(pl_module: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Every backbone a module trains, by role: its own ``named_backbones()`` when it has one (DINO:
-    ``{"teacher": ..., "student": ...}``), else ``{"": backbone}`` with the one backbone of either task,
-    ``pl_module.backbone`` (Barlow Twins) or ``pl_module.model.backbone`` (segmentation); ``{}`` when it
-    has none. Pictures drawn per backbone (attention maps) draw one per entry, named after the role."""
+    """Every backbone a module trains, by role: a task module's declared ``named_backbones()``
+    (lightningmodules/base.py; DINO: ``{"teacher": ..., "student": ...}``). Another module (a plain
+    LightningModule in a test or a plugin): its own ``named_backbones()`` when it has one, else
+    ``{"": backbone}`` with ``pl_module.backbone`` or ``pl_module.model.backbone``; ``{}`` when it has none.
+    Pictures drawn per backbone (attention maps) draw one per entry, named after the role."""
+    if isinstance(pl_module, TaskModule):
+        return pl_module.named_backbones()
     method = getattr(pl_module, "named_backbones", None)
     if callable(method):
         return dict(method())
@@ -171,8 +175,10 @@ def named_backbones(pl_module: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def evaluated_role(pl_module: torch.nn.Module) -> str:
-    """The role (key of :func:`named_backbones`) of the backbone :func:`backbone_of` returns: ``"teacher"``
-    for DINO, ``""`` for a module with a single backbone."""
+    """The role (key of :func:`named_backbones`) of the backbone :func:`backbone_of` returns: a task module's
+    declared ``evaluated_role`` (``"teacher"`` for DINO, ``""`` for a module with a single backbone)."""
+    if isinstance(pl_module, TaskModule):
+        return pl_module.evaluated_role
     named = named_backbones(pl_module)
     return EVALUATED_ROLE if EVALUATED_ROLE in named else next(iter(named), "")
 

@@ -8,8 +8,10 @@ the config groups' names (``data``, as in the YAML files and flags), and default
 from __future__ import annotations
 
 import argparse
+import difflib
 import re
 import shutil
+from typing import Optional
 
 from simple_parsing.help_formatter import SimpleHelpFormatter
 
@@ -18,7 +20,10 @@ USAGE = "%(prog)s [-h] [--config FILE.yaml ...] [--GROUP.FIELD=VALUE ...]"
 EPILOG = """\
 Later wins: the defaults above < --config files (in the order given) < flags.
 A flag is --group.field=VALUE or --group.field VALUE; booleans take true/false.
-Example: python main.py --config config/quickstart.yaml --backbone.depth=6 --trainer.max_epochs=30"""
+Example: python main.py --config config/quickstart.yaml --backbone.depth=6 --trainer.max_epochs=30
+--task NAME --help shows that task's defaults, marking those it replaced. Before a long run: --print-config
+(the resolved config), --dry-run (builds model and data, counts parameters and steps). Every task, backbone,
+head, dataset and callback: python -m tools.list"""
 
 # Where simple-parsing puts the config (build_parser's ``dest="hp"``); never shown to the user.
 CONFIG_DEST = "hp"
@@ -73,3 +78,31 @@ def retitle_groups(parser: argparse.ArgumentParser) -> None:
             group.title, group.description = GENERAL_TITLE, None
         elif dest.startswith(f"{CONFIG_DEST}."):
             group.title = dest[len(CONFIG_DEST) + 1:]
+
+
+def mark_task_defaults(parser: argparse.ArgumentParser, task: str, replaced: dict[str, object],
+                       shared: dict[str, object]) -> None:
+    """``--task NAME --help``: the flags whose default the task replaced (``config.hparams.TASK_DEFAULTS``) say
+    so, with the shared default they replaced; the shown default is already the task's."""
+    for action in parser._actions:
+        if not action.dest.startswith(f"{CONFIG_DEST}."):
+            continue
+        dotted = action.dest[len(CONFIG_DEST) + 1:]
+        if dotted in replaced and replaced[dotted] != shared[dotted] and "replaces the shared" not in (action.help or ""):
+            note = f"[{task}: replaces the shared default {_shown_default(shared[dotted])}]"
+            action.help = f"{action.help} {note}" if action.help else note
+
+
+def closest_flag(unknown: str, flags: list[str]) -> Optional[str]:
+    """The documented flag closest to a mistyped one (``--backbone.dpth`` → ``--backbone.depth``), or None.
+    A flag given without its group (``--depth``) is matched on the field name alone."""
+    name = unknown.split("=", 1)[0]
+    close = difflib.get_close_matches(name, flags, n=1, cutoff=0.75)
+    if close:
+        return close[0]
+    leaf = name.lstrip("-").rsplit(".", 1)[-1]
+    leaves = {flag.rsplit(".", 1)[-1] for flag in flags if "." in flag}
+    close = difflib.get_close_matches(leaf, sorted(leaves), n=1, cutoff=0.8)
+    if not close:
+        return None
+    return " or ".join(flag for flag in flags if flag.rsplit(".", 1)[-1] == close[0])

@@ -17,11 +17,13 @@ class DataConfig:
     """Dataset, loading and input size."""
 
     dataset: str = "voc"
-    """Dataset: 'voc' (Pascal VOC 2012 under data.root) or 'synthetic' (generated VOC-layout data, cached
-    under data.root; works offline)."""
+    """Dataset: 'voc' (Pascal VOC 2012 under data.root), 'synthetic' (generated VOC-layout data, cached
+    under data.root; works offline), or for pretraining only 'folder' (every JPEG/PNG/WebP under data.root,
+    recursively) and 'imagenet' (data.root/train/<class>/<image>, class ids kept)."""
 
     root: str = "data"
-    """voc: folder holding VOCdevkit/VOC2012. synthetic: folder where the generated set is cached."""
+    """voc: folder holding VOCdevkit/VOC2012. synthetic: folder where the generated set is cached. folder:
+    the folder of images. imagenet: the folder holding train/."""
 
     download: bool = False
     """voc only: download and extract VOC 2012 with torchvision when it is missing under data.root (online)."""
@@ -41,7 +43,12 @@ class DataConfig:
     """Use at most this many validation images (0 = the whole val split)."""
 
     num_workers: int = -1
-    """DataLoader worker processes (-1 = min(8, CPU count))."""
+    """DataLoader worker processes (-1 = min(8, CPU count); 0 = load in the training process)."""
+
+    worker_timeout: float = 600.0
+    """Seconds the run waits for one batch from the DataLoader worker processes before it stops with an error
+    (a worker stuck on a hung file system or a deadlock ends the run instead of hanging it; 0 = wait forever).
+    Only used with data.num_workers other than 0."""
 
     pin_memory: bool = True
     """Pin host memory for faster transfers to the GPU (ignored on CPU)."""
@@ -57,6 +64,27 @@ class DataConfig:
 
     synthetic_seed: int = 0
     """synthetic only: seed of the generator (the same seed gives byte-identical data)."""
+
+    eval_root: str = ""
+    """folder/imagenet: a VOC-layout labelled set (a folder holding VOCdevkit/VOC2012) for the callbacks that
+    need masks (emergence Jaccard, online probe) and for the validation views (its val split). Empty: those
+    callbacks must be off, and validation uses data.val_max_images (0 = 256) training images."""
+
+    file_list: str = ""
+    """folder: a text file naming the images, one path per line (relative to data.root, or absolute; '#'
+    comments), read instead of walking data.root."""
+
+    subfolders: str = ""
+    """folder: comma-separated subfolders of data.root to walk (e.g. train2017,unlabeled2017 for COCO);
+    empty = all of data.root."""
+
+    index_dir: str = ""
+    """folder/imagenet: where the cached list of image files goes (empty = a hidden .vitssl_index folder in
+    data.root when writable, else ~/.cache/vitssl/index). It is rebuilt when the tree's folders change."""
+
+    skip_bad_images: bool = False
+    """folder/imagenet: replace an undecodable image by the next decodable one of the list (same epoch
+    length and batches; a count per epoch is logged) instead of stopping with an error naming the file."""
 
 
 @dataclass
@@ -291,7 +319,40 @@ class DinoConfig:
     its own statistics."""
 
 
+@dataclass
+class VICRegConfig:
+    """VICReg (Bardes et al., 2022; facebookresearch/vicreg ``main_vicreg.py``): expander and loss (task=vicreg)."""
+
+    expander: str = "8192-8192-8192"
+    """Widths of the expander's Linear layers after the backbone, dash-separated (official: 8192-8192-8192;
+    BatchNorm + ReLU after each but the last, which has no bias). The loss is computed on the last width."""
+
+    sim_coeff: float = 25.0
+    """Weight of the invariance term, the mean squared distance of the two views' embeddings (official: 25)."""
+
+    std_coeff: float = 25.0
+    """Weight of the variance term, mean over dimensions of relu(1 − sqrt(var + 1e-4)) (official: 25)."""
+
+    cov_coeff: float = 1.0
+    """Weight of the covariance term, sum of squared off-diagonal covariances / dimension (official: 1)."""
+
+    micro_batch_size: int = 0
+    """Run the backbone in chunks of this many images (0 = off; not in the official code), gradient-cached as
+    barlow.micro_batch_size: loss and gradients stay the whole batch's, activation memory is one chunk's."""
+
+
 TASK_DEFAULTS: dict[str, dict[str, object]] = {
+    "vicreg": {
+        # The official VICReg recipe where it differs from this file's defaults (main_vicreg.py's arguments).
+        "optim.name": "lars",  # official: LARS, biases and norms excluded from decay and adaptation
+        "optim.lr": 0.2,  # official --base-lr 0.2, × batch / 256
+        "optim.lr_scaling": "linear",
+        "optim.weight_decay": 1e-6,  # official --wd 1e-6
+        "optim.warmup_epochs": 10.0,  # official: 10 warmup epochs, then cosine to 0.001 × the peak
+        "optim.min_lr_ratio": 0.001,
+        "optim.bias_lr_scale": 1.0,  # official: one rate for every parameter
+        "trainer.max_epochs": 100,  # official --epochs 100
+    },
     "dino": {
         # The official DINO recipe where it differs from this file's defaults (main_dino.py's arguments).
         "optim.name": "adamw",
@@ -370,6 +431,12 @@ class SegmentationConfig:
     pixel frequency / class frequency over the train masks; keeps weak features from collapsing to
     all-background)."""
 
+    train_split: Literal["train", "trainaug"] = "train"
+    """Training split: VOC 2012's 'train' (1,464 images, SegmentationClass masks; the report's protocol) or
+    'trainaug' (10,582 images: train extended with the SBD annotations, masks in SegmentationClassAug; the
+    training set of DeepLabV3, SETR and most frozen-probe papers; where to get it: docs/emergence.md). The
+    synthetic source generates both."""
+
     crop_scale_min: float = 0.5
     """Training RandomResizedCrop: smallest crop area as a fraction of the image."""
 
@@ -382,6 +449,14 @@ class SegmentationConfig:
 
     log_per_class_every_n_epochs: int = 1
     """Write the per-class IoU table (run directory + wandb) every this many validation epochs."""
+
+    baselines: str = ""
+    """Comma-separated references trained in the same run, on the same batches, with the same head, loss,
+    optimiser, schedule and seed, for a ViT backbone: 'random_init' (the same backbone randomly initialised,
+    frozen; logged as val/mIoU_random_init) and 'pixels' (raw pixel patches, val/mIoU_pixels). The final line
+    prints them beside the run's best val/mIoU. Each costs about one more head training per step (random_init
+    also one more backbone forward): with both, the quick start's follow-up used about twice the CPU time.
+    Empty: none."""
 
 
 @dataclass
@@ -463,6 +538,12 @@ class CallbacksConfig:
     emergence_every_n_epochs: int = 1
     """Compute the emergence Jaccard every this many epochs (and before training)."""
 
+    emergence_corloc: bool = False
+    """With the emergence Jaccard, also unsupervised object discovery: CorLoc of LOST and TokenCut from the last
+    block's keys (val/corloc_lost, val/corloc_tokencut) on emergence_images images of the VOC 2012 detection
+    val split (Annotations/, ImageSets/Main/val.txt; generated sets have them), at their own size. The whole
+    split: python -m tools.emergence --metrics corloc."""
+
     online_probe: bool = False
     """Barlow Twins or DINO (on the teacher): train a linear segmentation head on detached patch tokens alongside pretraining
     (labelled train split, its own optimiser; the backbone gets no gradient from it) and log its val
@@ -486,7 +567,8 @@ class OptimConfig:
     """'adamw' (as in the report) or 'lars' (the official Barlow Twins recipe)."""
 
     lr: float = 5e-4
-    """Peak learning rate, reached at the end of the warmup (times global batch / 256 with lr_scaling=linear)."""
+    """Peak learning rate, reached at the end of the warmup (times global batch / 256 with lr_scaling=linear);
+    the peak may be at most 1000 (an AdamW step moves each weight by about the rate)."""
 
     lr_scaling: Literal["none", "linear"] = "none"
     """'none': optim.lr is the peak rate. 'linear': the peak rate is optim.lr × global batch / 256 (global
@@ -494,7 +576,7 @@ class OptimConfig:
     (LARS: --optim.lr 0.2 gives 0.05 at batch 64). The rate used is logged as optim/effective_lr."""
 
     weight_decay: float = 0.05
-    """Weight decay (the official LARS recipe uses 1.5e-6)."""
+    """Weight decay (the official LARS recipe uses 1.5e-6); times the peak learning rate at most 1."""
 
     exclude_1d_from_decay: bool = True
     """Exclude biases and normalisation parameters (1-D tensors) from weight decay and LARS adaptation."""
@@ -510,16 +592,16 @@ class OptimConfig:
     """Final learning rate of the cosine decay as a fraction of optim.lr."""
 
     momentum: float = 0.9
-    """LARS momentum."""
+    """LARS momentum, in [0, 1)."""
 
     lars_eta: float = 0.001
-    """LARS trust coefficient."""
+    """LARS trust coefficient (> 0)."""
 
     beta1: float = 0.9
-    """AdamW beta1."""
+    """AdamW beta1, in [0, 1)."""
 
     beta2: float = 0.999
-    """AdamW beta2."""
+    """AdamW beta2, in [0, 1)."""
 
 
 @dataclass
@@ -623,6 +705,12 @@ class TrainerConfig:
     config.yaml is the base; flags given now override it (e.g. a larger max_epochs). Never stored in
     config.yaml."""
 
+    allow_rewind: bool = False
+    """Accept a resume that goes back or changes the epoch it stops in, refused otherwise: from a checkpoint
+    older than the run's last.ckpt (e.g. a best-*.ckpt; the steps after it are discarded), or from a
+    mid-epoch checkpoint with another --data.batch_size, --trainer.limit_train_batches or number of devices
+    (the rest of that epoch is cut differently). Applies to this command only (never stored in config.yaml)."""
+
     deterministic: bool = False
     """Force deterministic algorithms (slower; some CUDA ops only warn)."""
 
@@ -641,7 +729,8 @@ class LogConfig:
     """Parent folder of run directories (<output_dir>/<run_name>/)."""
 
     run_name: str = ""
-    """Run directory and wandb run name (empty = <task>-<backbone>-<date>-<time>)."""
+    """Run directory and wandb run name: one folder name inside output_dir, no '/' (empty =
+    <task>-<backbone>-<date>-<time>)."""
 
     wandb_mode: Literal["online", "offline", "disabled"] = "online"
     """wandb: 'online', 'offline' (files under the run directory, sync later), or 'disabled'. Online without
@@ -656,24 +745,34 @@ class LogConfig:
     wandb_tags: str = ""
     """Comma-separated wandb tags."""
 
+    tensorboard: bool = False
+    """Also log to TensorBoard: scalars and every picture of media/, event files under <run>/tensorboard/
+    (view with `tensorboard --logdir runs`). Beside the CSV and wandb, not instead."""
+
+    verbose: bool = False
+    """Everything on the console even when it is not a terminal (a file, a pipe, a batch job's log): progress
+    bars, the libraries' known harmless notices and wandb's own summary. By default such output gets the
+    run's own lines and one short summary at the end; a terminal always gets everything."""
+
 
 @dataclass
 class Hparams:
     """vitssl: Barlow Twins and DINO pretraining of ViTs / ResNet-50 on Pascal VOC 2012, and segmentation."""
 
     task: str = "barlow_twins"
-    """What to run: 'barlow_twins' or 'dino' (self-supervised pretraining; dino also replaces some defaults
-    by DINO's official ones, see --task=dino --help) or 'segmentation' (VOC 2012 semantic segmentation
+    """What to run: 'barlow_twins', 'dino' or 'vicreg' (self-supervised pretraining; dino and vicreg also replace
+    some defaults by their official ones, see --task=dino --help) or 'segmentation' (VOC 2012 semantic segmentation
     with a frozen backbone and a light head)."""
 
     seed: int = 42
-    """Global random seed (same seed + config + machine = same numbers)."""
+    """Global random seed, 0 to 2**32 - 1 (same seed + config + machine = same numbers)."""
 
     data: DataConfig = field(default_factory=DataConfig)
     aug: AugmentConfig = field(default_factory=AugmentConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     barlow: BarlowConfig = field(default_factory=BarlowConfig)
     dino: DinoConfig = field(default_factory=DinoConfig)
+    vicreg: VICRegConfig = field(default_factory=VICRegConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -20,7 +20,7 @@ import yaml
 from simple_parsing import ArgumentGenerationMode, ArgumentParser, NestedMode
 
 from config.errors import ConfigError  # re-exported: callers import it from here
-from config.help import EPILOG, USAGE, HelpFormatter, retitle_groups
+from config.help import EPILOG, USAGE, HelpFormatter, closest_flag, mark_task_defaults, retitle_groups
 from config.hparams import TASK_DEFAULTS, Hparams
 from config.resume import check_resume, checkpoint_run_dir, find_resume_checkpoint, read_checkpoint
 
@@ -28,13 +28,51 @@ from config.resume import check_resume, checkpoint_run_dir, find_resume_checkpoi
 class _Parser(ArgumentParser):
     """simple-parsing parser whose errors are one line (the default prints a 40-line usage first)."""
 
+    task: str = Hparams.task  # whose defaults the parser holds (build_parser), for marking them in --help
+
     def error(self, message: str) -> typing.NoReturn:
-        raise ConfigError(f"{message} (see python main.py --help)")
+        raise ConfigError(f"{message}{self._did_you_mean(message)} (see python main.py --help)")
+
+    def _did_you_mean(self, message: str) -> str:
+        """``; did you mean --backbone.depth?`` for each mistyped flag of an 'unrecognized arguments' error."""
+        if not message.startswith(UNRECOGNIZED):
+            return ""
+        self._preprocessing()  # simple-parsing adds the dataclass flags here
+        flags = [a.option_strings[0] for a in self._actions if a.option_strings]
+        unknown = [arg for arg in message[len(UNRECOGNIZED):].split() if arg.startswith("--")]
+        guesses = [(arg.split("=", 1)[0], closest_flag(arg, flags)) for arg in unknown]
+        return "".join(f"; {arg}: did you mean {guess}?" if len(unknown) > 1 else f"; did you mean {guess}?"
+                       for arg, guess in guesses if guess)
 
     def format_help(self) -> str:
         self._preprocessing()  # simple-parsing adds the dataclass groups here; name them before printing
         retitle_groups(self)
+        if TASK_DEFAULTS.get(self.task):
+            shared = _flat(to_dict(Hparams()))
+            mark_task_defaults(self, self.task, TASK_DEFAULTS[self.task], shared)
         return super().format_help()
+
+
+UNRECOGNIZED = "unrecognized arguments: "  # argparse's message for flags no parser argument takes
+
+# Actions of main.py that are not config fields (``--print-config``, ``--dry-run``): read by main.py.
+ACTION_FLAGS = {
+    "--print-config": "print the resolved config as YAML (task defaults applied; every value that differs from its "
+                      "default marked '# default: X') and exit",
+    "--dry-run": "check the config, build the model and the data, print parameter counts and the number of "
+                 "training steps, and exit without creating a run directory",
+}
+
+
+def _flat(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 1}}`` → ``{"optim.lr": 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -109,9 +147,11 @@ def from_dict(mapping: dict, source: str = "config") -> Hparams:
 
 def save_config(cfg: Hparams, path: str | Path, comment: str = "") -> None:
     """Write the resolved config. ``trainer.resume`` is left out (empty): a config file describes a run, and
-    giving it back with ``--config`` must start a new run with it, never continue the old one."""
+    giving it back with ``--config`` must start a new run with it, never continue the old one. ``log.verbose``
+    too (false): it chose this command's console output only."""
     data = to_dict(cfg)
     data["trainer"]["resume"] = ""
+    data["log"]["verbose"] = False  # how this command's console looked, not part of the run (a resume chooses anew)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     header = "".join(f"# {line}\n" for line in comment.splitlines())
@@ -139,8 +179,52 @@ def build_parser(default: Optional[Hparams] = None) -> ArgumentParser:
         help="YAML file nested like the groups below; may be given several times (later wins); "
         "flags override it.",
     )
+    for flag, text in ACTION_FLAGS.items():
+        parser.add_argument(flag, action="store_true", help=text)
     parser.add_arguments(Hparams, dest="hp", default=default or Hparams())
+    parser.task = (default or Hparams()).task
     return parser
+
+
+def chosen_actions(argv: Sequence[str]) -> set[str]:
+    """The action flags (``ACTION_FLAGS``) among ``argv``."""
+    return {arg for arg in argv if arg in ACTION_FLAGS}
+
+
+def _yaml_scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()
+
+
+def format_config(cfg: Hparams) -> str:
+    """The resolved config as the YAML ``config.yaml`` records (``--config`` takes it back), every value that
+    differs from its default followed by ``# default: X``; under a task with its own defaults, the values that
+    task replaced say so (``# dino's default; shared default: X``)."""
+    task_default = _flat(to_dict(task_defaults(cfg.task)))
+    shared = _flat(to_dict(Hparams()))
+    task_default["task"] = shared["task"]
+    replaced = {k for k in TASK_DEFAULTS.get(cfg.task, {}) if task_default[k] != shared[k]}
+    lines: list[str] = []
+
+    def emit(mapping: dict, prefix: str, indent: str) -> None:
+        for key, value in mapping.items():
+            dotted = f"{prefix}{key}"
+            if isinstance(value, dict):
+                lines.append(f"{indent}{key}:")
+                emit(value, f"{dotted}.", indent + "  ")
+                continue
+            line = f"{indent}{key}: {_yaml_scalar(value)}"
+            if value != task_default[dotted]:
+                line += f"  # default: {_yaml_scalar(task_default[dotted])}"
+                if dotted in replaced:
+                    line += f" ({cfg.task}'s; shared default: {_yaml_scalar(shared[dotted])})"
+            elif dotted in replaced:
+                line += f"  # {cfg.task}'s default; shared default: {_yaml_scalar(shared[dotted])}"
+            lines.append(line)
+
+    data = to_dict(cfg)
+    data["trainer"]["resume"] = ""  # as in config.yaml: a config describes a run, never continues one
+    emit(data, "", "")
+    return "\n".join(lines) + "\n"
 
 
 def _config_files(argv: Sequence[str]) -> list[str]:

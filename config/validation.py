@@ -15,17 +15,29 @@ editing this file.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Mapping, Optional
 
 from config.hparams import Hparams
 from config.loading import ConfigError
+from config.run_names import run_name_problem
 from utils.registry import UnknownNameError
 
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "ddp_notebook")
 VIT_ONLY_FIELDS = ("depth", "embed_dim", "num_heads", "patch_size")
+SEED_MAX = 2**32 - 1  # numpy's seeds, and so Lightning's seed_everything, are 32-bit unsigned
+INT_MAX = 2**63 - 1  # torch and numpy take integers as 64-bit signed; larger ones end in an OverflowError
+MAX_LR = 1000.0
+"""Largest peak learning rate (after --optim.lr_scaling, and times --optim.bias_lr_scale for the 1-D parameters).
+An AdamW step moves every weight by about the rate (Adam normalises the gradient: the first step is ±lr), a LARS
+step by rate × lars_eta of the weight's norm, which is the whole norm at 1000 with the default eta 0.001: above
+this no setting of either optimiser trains, and far above it (1e38 and up, divided by 1 − beta1 in AdamW's first
+step) the optimiser's float32 arithmetic overflows with a traceback. Divergence below the bound is caught by the
+finite-loss check (one line, exit 1)."""
+WORKER_TIMEOUT_MAX = 1_000_000.0  # seconds (11.6 days); the worker queue's poll overflows above 2**31 ms (24.8 days)
 
 
 def _positive(value: float, flag: str) -> None:
@@ -36,6 +48,19 @@ def _positive(value: float, flag: str) -> None:
 def _probability(value: float, flag: str) -> None:
     if not 0.0 <= value <= 1.0:
         raise ConfigError(f"{flag} must be a probability in [0, 1], got {value}")
+
+
+def _rate(value: float, flag: str) -> None:
+    """A learning rate the optimiser gets as it is (no scaling): > 0 and at most :data:`MAX_LR`."""
+    _positive(value, flag)
+    if value > MAX_LR:
+        raise ConfigError(f"{flag} must be at most {MAX_LR:g} (a step moves each weight by about the rate), got {value:g}")
+
+
+def _decay(value: float, flag: str) -> None:
+    """A momentum or moving-average coefficient: in [0, 1) (1 would never forget, or divide by 0)."""
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"{flag} must be in [0, 1), got {value}")
 
 
 def _raise_problem(problem: Optional[str]) -> None:
@@ -67,6 +92,25 @@ def _check_architecture(cfg: Hparams, arch: Mapping[str, int]) -> None:
 
 
 # ---------------------------------------------------------------- pass 1: plain Python
+def _integer_fields(obj, prefix: str = ""):
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _integer_fields(value, f"{prefix}{f.name}.")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            yield f"{prefix}{f.name}", value
+
+
+def run_values(cfg: Hparams) -> None:
+    """The seed, the run name, and integers of any field small enough for torch and numpy."""
+    if not 0 <= cfg.seed <= SEED_MAX:
+        raise ConfigError(f"--seed must be in [0, {SEED_MAX}] (numpy's 32-bit seeds), got {cfg.seed}")
+    for name, value in _integer_fields(cfg):
+        if abs(value) > INT_MAX:
+            raise ConfigError(f"--{name} must be a 64-bit integer (at most {INT_MAX} in size), got {value}")
+    _raise_problem(run_name_problem(cfg.log.run_name, cfg.log.output_dir))
+
+
 def backbone_values(cfg: Hparams) -> None:
     b = cfg.backbone
     for name in VIT_ONLY_FIELDS:
@@ -104,6 +148,14 @@ def data_values(cfg: Hparams) -> None:
     _positive(d.img_size, "--data.img_size")
     if d.val_max_images < 0:
         raise ConfigError(f"--data.val_max_images must be >= 0 (0 = all), got {d.val_max_images}")
+    if d.num_workers < -1:
+        raise ConfigError(f"--data.num_workers must be -1 (auto: min(8, CPU count)), 0 (load in the training "
+                          f"process) or a number of worker processes, got {d.num_workers}")
+    if d.worker_timeout > WORKER_TIMEOUT_MAX:
+        raise ConfigError(f"--data.worker_timeout must be at most {WORKER_TIMEOUT_MAX:g} seconds (0 = wait forever), "
+                          f"got {d.worker_timeout:g}")
+    if d.worker_timeout < 0:
+        raise ConfigError(f"--data.worker_timeout must be >= 0 seconds (0 = wait forever), got {d.worker_timeout}")
 
 
 def augment_values(cfg: Hparams) -> None:
@@ -117,6 +169,11 @@ def augment_values(cfg: Hparams) -> None:
     for name in ("brightness", "contrast", "saturation"):
         if getattr(a, name) < 0:
             raise ConfigError(f"--aug.{name} must be >= 0, got {getattr(a, name)}")
+        # the factor is drawn from [max(0, 1 − s), 1 + s]: at 100 nearly every draw already saturates the image,
+        # and far above (1e39) torch cannot draw it in float32 (a traceback at the first batch)
+        if getattr(a, name) > 100:
+            raise ConfigError(f"--aug.{name} must be at most 100 (ColorJitter draws its factor from [max(0, 1 − s), "
+                              f"1 + s]), got {getattr(a, name):g}")
     if not 0 <= a.hue <= 0.5:
         raise ConfigError(f"--aug.hue must be in [0, 0.5], got {a.hue}")
     if not 0 < a.blur_sigma_min <= a.blur_sigma_max:
@@ -146,6 +203,7 @@ def training_values(cfg: Hparams) -> None:
     _positive(o.lr, "--optim.lr")
     if o.weight_decay < 0:
         raise ConfigError(f"--optim.weight_decay must be >= 0, got {o.weight_decay}")
+    optimiser_values(cfg)
     if o.warmup_epochs < 0:
         raise ConfigError(f"--optim.warmup_epochs must be >= 0, got {o.warmup_epochs}")
     if not 0 <= o.min_lr_ratio <= 1:
@@ -193,6 +251,12 @@ def training_values(cfg: Hparams) -> None:
     _positive(t.tune_batch_size_trials, "--trainer.tune_batch_size_trials")
     if not 0 < t.tune_lr_min < t.tune_lr_max:
         raise ConfigError(f"--trainer.tune_lr_min/max must satisfy 0 < min < max, got {t.tune_lr_min} and {t.tune_lr_max}")
+    _rate(t.tune_lr_max, "--trainer.tune_lr_max")
+    for name in ("limit_train_batches", "limit_val_batches"):
+        value = getattr(t, name)
+        if value > 1 and not float(value).is_integer():
+            raise ConfigError(f"--trainer.{name} must be a fraction <= 1.0 or a whole number of batches, got {value} "
+                              f"(Lightning would silently use {int(value)} batches)")
     if t.tune_lr_steps < 20:
         raise ConfigError(f"--trainer.tune_lr_steps must be >= 20 (fewer losses cannot tell a trend from batch noise; "
                           f"the suggestion would be refused), got {t.tune_lr_steps}")
@@ -200,12 +264,41 @@ def training_values(cfg: Hparams) -> None:
         raise ConfigError(f"--trainer.resume: checkpoint {t.resume!r} does not exist (give a .ckpt file, a run directory, or 'auto')")
 
 
+def optimiser_values(cfg: Hparams) -> None:
+    """The optimiser's coefficients and the peak learning rate it gets (see :data:`MAX_LR`)."""
+    o = cfg.optim
+    _decay(o.beta1, "--optim.beta1")
+    _decay(o.beta2, "--optim.beta2")
+    _decay(o.momentum, "--optim.momentum")
+    _positive(o.lars_eta, "--optim.lars_eta")
+    # utils.optim.effective_lr, without importing torch (pass 1)
+    batch = cfg.data.batch_size * max(1, cfg.trainer.devices) * max(1, cfg.trainer.num_nodes)
+    scaled = o.lr_scaling == "linear"
+    peak = o.lr * (batch / 256 if scaled else 1.0)
+    how = f" ({o.lr:g} × global batch {batch} / 256, --optim.lr_scaling linear)" if scaled else ""
+    if peak > MAX_LR:
+        raise ConfigError(f"--optim.lr={o.lr:g} gives a peak learning rate of {peak:g}{how}; valid: at most "
+                          f"{MAX_LR:g} (a step moves each weight by about the rate; far above, the optimiser overflows)")
+    if o.exclude_1d_from_decay and peak * o.bias_lr_scale > MAX_LR:
+        raise ConfigError(f"--optim.bias_lr_scale={o.bias_lr_scale:g} gives the 1-D parameters a peak learning rate of "
+                          f"{peak * o.bias_lr_scale:g} (peak {peak:g} × scale); valid: at most {MAX_LR:g}")
+    # AdamW multiplies every weight by 1 − lr × weight_decay each step (decoupled decay): above 1 it flips their
+    # signs. LARS adds weight_decay × w to the gradient; the same bound keeps it far from overflowing.
+    decays = [("--optim.weight_decay", o.weight_decay)]
+    if cfg.task == "dino":
+        decays.append(("--dino.weight_decay_end", cfg.dino.weight_decay_end))
+    for flag, decay in decays:
+        if peak * decay > 1:
+            raise ConfigError(f"{flag}={decay:g} × the peak learning rate {peak:g} must be at most 1 (each step "
+                              f"multiplies the weights by 1 − lr × weight decay); use at most {1 / peak:g}")
+
+
 def segmentation_values(cfg: Hparams) -> None:
     s = cfg.segmentation
     if s.num_classes < 2:
         raise ConfigError(f"--segmentation.num_classes must be >= 2, got {s.num_classes}")
     _positive(s.hidden_dim, "--segmentation.hidden_dim")
-    _positive(s.backbone_lr, "--segmentation.backbone_lr")
+    _rate(s.backbone_lr, "--segmentation.backbone_lr")
     if not 0 <= s.classifier_dropout < 1:
         raise ConfigError(f"--segmentation.classifier_dropout must be in [0, 1), got {s.classifier_dropout}")
     _positive(s.log_per_class_every_n_epochs, "--segmentation.log_per_class_every_n_epochs")
@@ -259,12 +352,13 @@ def callback_values(cfg: Hparams) -> None:
     _positive(c.emergence_img_size, "--callbacks.emergence_img_size")
     _positive(c.emergence_every_n_epochs, "--callbacks.emergence_every_n_epochs")
     _positive(c.online_probe_every_n_epochs, "--callbacks.online_probe_every_n_epochs")
-    _positive(c.online_probe_lr, "--callbacks.online_probe_lr")
+    _rate(c.online_probe_lr, "--callbacks.online_probe_lr")
     _positive(c.online_probe_batch_size, "--callbacks.online_probe_batch_size")
 
 
 def validate_values(cfg: Hparams) -> None:
     """Pass 1: every check that needs no torch, timm or Lightning (no heavy import happens here)."""
+    run_values(cfg)
     backbone_values(cfg)
     data_values(cfg)
     augment_values(cfg)
@@ -296,28 +390,6 @@ def backbone_components(cfg: Hparams) -> None:
     if is_vit(b.name):
         _check_architecture(cfg, resolve_architecture(b))
     _raise_problem(check_backbone_config(cfg))
-
-
-def augment_components(cfg: Hparams) -> None:
-    from datamodules.transforms import blur_kernel_size  # local: pass 1 stays torch-free
-
-    # Both augmentation modes blur the img_size² Barlow Twins view with reflect padding, which must be
-    # narrower than the view.
-    a = cfg.aug
-    kernel = blur_kernel_size(a)
-    if cfg.task == "barlow_twins" and 0 < cfg.data.img_size <= kernel // 2:
-        source = "--aug.blur_kernel_size" if a.blur_kernel_size else "the kernel implied by --aug.blur_sigma_max"
-        raise ConfigError(f"{source} ({kernel} px) needs {kernel // 2} px of reflect padding, which must be less "
-                          f"than --data.img_size={cfg.data.img_size}; use a kernel of at most {2 * cfg.data.img_size - 1}")
-
-
-def training_components(cfg: Hparams) -> None:
-    if cfg.barlow.dense_weight > 0 and cfg.task == "barlow_twins":
-        from models.backbones import is_vit  # local: pass 1 stays torch-free
-
-        if not is_vit(cfg.backbone.name):
-            raise ConfigError(f"--barlow.dense_weight needs a ViT backbone (it matches patch tokens); "
-                              f"--backbone.name={cfg.backbone.name} has none")
 
 
 def device_components(cfg: Hparams) -> None:
@@ -364,9 +436,11 @@ def segmentation_components(cfg: Hparams) -> None:
 
 
 def callback_components(cfg: Hparams) -> None:
+    from callbacks.baselines import check_config as check_baselines  # local: pass 1 stays torch-free
     from callbacks.checks import check_config  # local: pass 1 stays torch-free
 
     _raise_problem(check_config(cfg))
+    _raise_problem(check_baselines(cfg))
 
 
 def data_components(cfg: Hparams) -> None:
@@ -377,6 +451,36 @@ def data_components(cfg: Hparams) -> None:
     _raise_problem(DATASETS.get(d.dataset).check(d))
 
 
+FOLDER_ONLY_FIELDS = ("eval_root", "file_list", "subfolders", "index_dir", "skip_bad_images")
+
+
+def labelled_data_components(cfg: Hparams) -> None:
+    """A source without masks (the image folders of datamodules/folder.py) pretrains only, and the callbacks
+    that measure against masks then need a labelled set of their own (--data.eval_root)."""
+    # local: pass 1 stays torch-free
+    from datamodules import DATASETS
+    from lightningmodules import TASKS
+    from models.backbones import is_vit
+
+    d = cfg.data
+    if getattr(DATASETS.get(d.dataset), "has_masks", True):
+        for name in FOLDER_ONLY_FIELDS:
+            if getattr(d, name):
+                raise ConfigError(f"--data.{name} applies to the image-folder sources (--data.dataset folder or "
+                                  f"imagenet), not --data.dataset={d.dataset}")
+        return
+    if not TASKS.get(cfg.task).pretraining:
+        raise ConfigError(f"--data.dataset={d.dataset} has no masks: --task={cfg.task} needs a labelled set "
+                          f"(--data.dataset voc or synthetic); image folders are for pretraining")
+    c = cfg.callbacks
+    needing = [flag for flag, on in (("--callbacks.emergence", c.emergence and is_vit(cfg.backbone.name)),
+                                     ("--callbacks.online_probe", c.online_probe)) if on]
+    if needing and not d.eval_root:
+        raise ConfigError(f"{' and '.join(needing)} measure against VOC masks, which --data.dataset={d.dataset} "
+                          f"does not have: give a labelled set with --data.eval_root DIR (a folder holding "
+                          f"VOCdevkit/VOC2012), or set {' '.join(f + '=false' for f in needing)}")
+
+
 def validate_components(cfg: Hparams) -> None:
     """Pass 2: the checks that need the registries, timm's model definitions or torch's device queries."""
     from lightningmodules import TASKS  # local: pass 1 stays torch-free
@@ -385,13 +489,12 @@ def validate_components(cfg: Hparams) -> None:
     task_check = TASKS.get(cfg.task).check_config
     _raise_problem(task_check(cfg) if task_check is not None else None)
     backbone_components(cfg)
-    augment_components(cfg)
-    training_components(cfg)
     device_components(cfg)
     if cfg.task == "segmentation":
         segmentation_components(cfg)
     callback_components(cfg)
-    data_components(cfg)  # last: the only check that looks at the file system
+    data_components(cfg)  # last: the only checks that look at the file system
+    labelled_data_components(cfg)
 
 
 def validate(cfg: Hparams) -> Hparams:

@@ -14,7 +14,7 @@ from datamodules.device_decode import EncodedTwoViewTransform, augment_mode
 from datamodules.gpu_augment import DeviceAugmentTransform
 from datamodules.images import DataError, load_rgb
 from datamodules.registry import DATASETS
-from datamodules.sampling import SeededSampler, resume_mid_epoch, seeded
+from datamodules.sampling import SeededLoader, SeededSampler, resume_mid_epoch, seeded
 from datamodules.transforms import BarlowTwinsTransform
 from datamodules.voc import all_image_ids, existing_image_paths, read_split
 
@@ -116,6 +116,11 @@ class BarlowTwinsDataModule(pl.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is not None:
             return
+        source = DATASETS.get(self.cfg.dataset)
+        if hasattr(source, "pretraining_sets"):  # image folders (datamodules/folder.py); root: the labelled eval set
+            self.train_set, self.val_set, self.root = source.pretraining_sets(self.cfg, self.transform, self.trainer,
+                                                                              self.batch_size)
+            return
         self.root = DATASETS.get(self.cfg.dataset).prepare(self.cfg)
         train_paths = existing_image_paths(self.root, self.pretrain_ids(self.root))
         val_ids = evenly_spaced(read_split(self.root, "val"), self.cfg.val_max_images)
@@ -142,7 +147,7 @@ class BarlowTwinsDataModule(pl.LightningDataModule):
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
         # Validation sees the same images with the same views every epoch.
         sampler = SeededSampler(len(dataset), self.seed, shuffle=train, vary_with_epoch=train)
-        return DataLoader(
+        return SeededLoader(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
@@ -156,6 +161,8 @@ class BarlowTwinsDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
+            # a stuck worker ends the run with one line (datamodules/sampling.py) instead of hanging it
+            timeout=self.cfg.worker_timeout if self.num_workers > 0 else 0,
         )
 
     def train_dataloader(self) -> DataLoader:

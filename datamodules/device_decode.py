@@ -50,6 +50,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from config.hparams import AugmentConfig
 from datamodules.errors import DataError
+from datamodules.images import undecodable
 from datamodules.gpu_augment import DevicePhotometric, PhotometricParams, PhotometricSampler
 from datamodules.multicrop import multicrop_views, view_crop
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, CropFlip, crop_geometry
@@ -85,8 +86,7 @@ def read_encoded(path: str | Path) -> EncodedImage:
         # cannot hand over to the main process).
         data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     except Exception as err:  # noqa: BLE001 - PIL raises UnidentifiedImageError/OSError/SyntaxError by damage
-        reason = " ".join(str(err).split()) or type(err).__name__
-        raise DataError(f"cannot decode image {path}: {reason}") from None
+        raise undecodable(path, err) from None
     return EncodedImage(data, height, width, batched, str(path))
 
 
@@ -193,8 +193,7 @@ def _decode_one(item: EncodedImage, device: torch.device, jpeg: bool) -> Tensor:
             return decode_jpeg(item.data, mode=ImageReadMode.RGB, device=device)
         return decode_image(item.data, mode=ImageReadMode.RGB).to(device, non_blocking=True)
     except Exception as err:  # noqa: BLE001 - torchvision raises RuntimeError/ValueError depending on damage
-        reason = " ".join(str(err).split()) or type(err).__name__
-        raise DataError(f"cannot decode image {item.path}: {reason}") from None
+        raise undecodable(item.path, err) from None
 
 
 def pad_images(images: Sequence[Tensor]) -> Tensor:

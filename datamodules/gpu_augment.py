@@ -53,20 +53,6 @@ def blend(images: Tensor, other: Tensor, factor: Tensor) -> Tensor:
     return (f * images + (1 - f) * other).clamp(0, 1)
 
 
-def adjust_brightness(images: Tensor, factor: Tensor) -> Tensor:
-    return blend(images, torch.zeros_like(images), factor)
-
-
-def adjust_contrast(images: Tensor, factor: Tensor) -> Tensor:
-    """Blend with each image's mean luma."""
-    return blend(images, grayscale(images).mean(dim=(-3, -2, -1), keepdim=True), factor)
-
-
-def adjust_saturation(images: Tensor, factor: Tensor) -> Tensor:
-    """Blend with each image's own grayscale version."""
-    return blend(images, grayscale(images), factor)
-
-
 def hue_sextant(images: Tensor, maxc: Tensor, delta: Tensor) -> Tensor:
     """(B, 1, H, W) hue in sextants, [0, 6) up to a multiple of 6, as torchvision's rgb→hsv (ties resolved
     red, then green); 0 for grey pixels (delta = 0), where a divisor of 1 keeps it finite."""

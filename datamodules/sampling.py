@@ -11,7 +11,9 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
+
+from datamodules.errors import DataError
 
 _MIX = 0x9E3779B97F4A7C15  # 64-bit golden-ratio constant: spreads nearby (seed, epoch) pairs apart
 
@@ -126,6 +128,52 @@ def resume_mid_epoch(loader, trainer) -> None:
         return epoch, done * loader.batch_size
 
     sampler.resume_when_iterated(where)
+
+
+class _StartOnFirstBatch:
+    """The iterator of a :class:`SeededLoader`: creates the DataLoader's real iterator when the first batch is
+    asked for (see there)."""
+
+    def __init__(self, loader: "SeededLoader"):
+        self._loader = loader
+        self._iterator = None
+
+    def __iter__(self) -> "_StartOnFirstBatch":
+        return self
+
+    def __next__(self):
+        if self._iterator is None:
+            self._iterator = DataLoader.__iter__(self._loader)
+        try:
+            return next(self._iterator)
+        except RuntimeError as err:
+            if not str(err).startswith("DataLoader timed out"):
+                raise
+            raise DataError(
+                f"no batch came from the {self._loader.num_workers} DataLoader worker processes within "
+                f"--data.worker_timeout={self._loader.timeout:g} s: a worker is stuck (a hung file system or a "
+                f"blocked read); raise --data.worker_timeout if loading is this slow, or try --data.num_workers 0"
+            ) from None
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+
+class SeededLoader(DataLoader):
+    """A DataLoader whose worker processes receive their first indices when the first batch is asked for,
+    not when it is iterated.
+
+    With ``num_workers > 0`` a plain DataLoader draws ``prefetch_factor × num_workers`` batches of indices from
+    its sampler the moment ``iter()`` is called. Lightning calls ``iter()`` on the training loader while it
+    sets up the optimizer (to count the schedule's steps), before it restores a checkpoint and before it sets
+    the sampler's epoch, and does not call it again for the epoch a resumed run continues: the workers would
+    load epoch 0 from its first batch, whatever the checkpoint holds (with 0 workers the sampler is read
+    lazily and the problem does not show). Deferring the real ``iter()`` to the first ``next()`` makes the
+    sampler see the restored step and the epoch, so a resumed run loads exactly the batches the
+    uninterrupted run would have, with or without workers."""
+
+    def __iter__(self):
+        return _StartOnFirstBatch(self)
 
 
 @contextmanager

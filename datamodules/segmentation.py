@@ -16,7 +16,7 @@ from datamodules.barlow_twins import default_num_workers, evenly_spaced
 from datamodules.device_decode import EncodedSegmentationTransform
 from datamodules.images import DataError, load_rgb
 from datamodules.registry import DATASETS
-from datamodules.sampling import SeededSampler, resume_mid_epoch, seeded
+from datamodules.sampling import SeededLoader, SeededSampler, resume_mid_epoch, seeded
 from datamodules.transforms import segmentation_eval_transform, segmentation_train_transform
 from datamodules.voc import existing_image_paths, read_split, voc_dir
 
@@ -48,9 +48,10 @@ class SegmentationDataset(Dataset):
     ``full=True`` (evaluation at the original resolution): the image is resized for the network, the
     mask is returned untouched."""
 
-    def __init__(self, root: Path, ids: list[str], transform, num_classes: int, full: bool = False):
+    def __init__(self, root: Path, ids: list[str], transform, num_classes: int, full: bool = False,
+                 mask_folder: str = "SegmentationClass"):
         self.images = existing_image_paths(root, ids)
-        self.masks = [voc_dir(root) / "SegmentationClass" / f"{i}.png" for i in ids]
+        self.masks = [voc_dir(root) / mask_folder / f"{i}.png" for i in ids]
         missing = [m for m in self.masks if not m.is_file()]
         if missing:
             raise DataError(f"{len(missing)} mask(s) missing, e.g. {missing[0]}")
@@ -89,6 +90,23 @@ def collate_full(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.
     return torch.stack([image for image, _ in batch]), [mask for _, mask in batch]
 
 
+TRAIN_SPLIT_MASKS = {"train": "SegmentationClass", "trainaug": "SegmentationClassAug"}
+"""--segmentation.train_split → the folder of its masks (trainaug's are grey PNGs of class ids, as distributed)."""
+
+
+def train_split_ids(root: Path, split: str) -> list[str]:
+    """The ids of a training split, or a DataError naming what is missing (trainaug is not part of VOC's archive)."""
+    folder = voc_dir(root)
+    if split == "trainaug":
+        missing = [p for p in (folder / "ImageSets" / "Segmentation" / "trainaug.txt", folder / "SegmentationClassAug")
+                   if not p.exists()]
+        if missing:
+            raise DataError(f"--segmentation.train_split=trainaug: {missing[0]} is missing; trainaug is VOC 2012's "
+                            f"train split extended with the SBD annotations (docs/emergence.md says where to get "
+                            f"SegmentationClassAug/ and trainaug.txt), or use --segmentation.train_split=train")
+    return read_split(root, split)
+
+
 class SegmentationDataModule(pl.LightningDataModule):
     """``augment_device="gpu_full"`` (``--aug.device``): training images are decoded, cropped and flipped on
     the training device, masks (decoded by the workers) cropped there with nearest neighbours
@@ -104,7 +122,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.val_set: Optional[SegmentationDataset] = None
 
     def prepare_data(self) -> None:
-        DATASETS.get(self.cfg.dataset).prepare(self.cfg)
+        root = DATASETS.get(self.cfg.dataset).prepare(self.cfg)
+        train_split_ids(root, self.seg.train_split)  # a missing trainaug fails before the run directory exists
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is not None:
@@ -115,7 +134,9 @@ class SegmentationDataModule(pl.LightningDataModule):
             train = EncodedSegmentationTransform(size, self.seg.crop_scale_min, self.seg.hflip_prob)
         else:  # the photometric-only device mode has nothing to do here: segmentation has no photometric step
             train = segmentation_train_transform(size, self.seg.crop_scale_min, self.seg.hflip_prob)
-        self.train_set = SegmentationDataset(root, read_split(root, "train"), train, n)
+        split = self.seg.train_split
+        self.train_set = SegmentationDataset(root, train_split_ids(root, split), train, n,
+                                             mask_folder=TRAIN_SPLIT_MASKS[split])
         val_ids = evenly_spaced(read_split(root, "val"), self.cfg.val_max_images)
         self.val_set = SegmentationDataset(root, val_ids, segmentation_eval_transform(size), n,
                                            full=self.seg.eval_mode == "full")
@@ -131,7 +152,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         return torch.from_numpy(counts[: self.seg.num_classes])
 
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
-        return DataLoader(
+        return SeededLoader(
             dataset,
             batch_size=batch_size,
             # Evaluation keeps every image (uneven shards across devices; the metrics are synced at epoch end).
@@ -141,6 +162,8 @@ class SegmentationDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
+            # a stuck worker ends the run with one line (datamodules/sampling.py) instead of hanging it
+            timeout=self.cfg.worker_timeout if self.num_workers > 0 else 0,
             generator=torch.Generator().manual_seed(self.seed),
         )
 

@@ -12,7 +12,17 @@ Written layout (read unchanged by ``torchvision.datasets.VOCSegmentation(root, y
     OUT/VOCdevkit/VOC2012/SegmentationClass/<id>.png     palette PNG, 0 background, 1..20 classes, 255 void
     OUT/VOCdevkit/VOC2012/SegmentationObject/<id>.png    palette PNG, 0 background, 1..k instances, 255 void
     OUT/VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val,trainval}.txt
+    OUT/VOCdevkit/VOC2012/Annotations/<id>.xml           VOC detection annotation: one box per object instance
+    OUT/VOCdevkit/VOC2012/ImageSets/Main/{train,val,trainval}.txt
+    OUT/VOCdevkit/VOC2012/SegmentationClassAug/<id>.png  grey PNG of class ids (the train images)
+    OUT/VOCdevkit/VOC2012/ImageSets/Segmentation/trainaug.txt   the train ids (real VOC: the SBD-augmented set)
     OUT/synthetic_voc.json                               marker: generator, format version, parameters
+
+Detection annotations follow VOC: 1-based inclusive pixel coordinates of the instance's visible pixels (its
+void band included), ``truncated`` 1 when the object's shape reaches the image border, ``difficult`` 1 when
+fewer than :data:`DIFFICULT_FRACTION` of the image's pixels show it outside the void band. The ``trainaug``
+split (``SegmentationClassAug`` masks, as the SBD-augmented set is distributed) repeats the train split, so
+that protocols built on trainaug (the dense retrieval of ``analysis.retrieval``) run offline.
 
 The marker is written last, into a temporary sibling folder (``.OUT.tmp-<pid>-<random>``) that is renamed
 to OUT only when complete: a killed run leaves the previous dataset at OUT (or nothing), never a mix, and a
@@ -59,12 +69,15 @@ __all__ = [
     "generate_synthetic_voc",
     "ensure_synthetic_voc",
     "render_sample",
+    "render_annotated_sample",
+    "annotation_xml",
+    "DIFFICULT_FRACTION",
     "cache_dir_name",
     "SyntheticSource",
 ]
 
 #: Bumped whenever the generated content changes, so cached datasets of an older format are regenerated.
-FORMAT_VERSION = 2  # 2: texture periods no longer scale with image size
+FORMAT_VERSION = 3  # 2: texture periods no longer scale with image size; 3: detection annotations, trainaug
 #: Marker file at the root of every dataset this generator writes, written last: JSON naming the generator
 #: (:data:`GENERATOR_ID`), :data:`FORMAT_VERSION` and the parameters (n_train, n_val, size, seed). A folder
 #: without it is never used as a dataset, nor overwritten.
@@ -368,6 +381,19 @@ def render_sample(size: int, rng: np.random.Generator) -> Tuple[np.ndarray, np.n
     (later objects occlude earlier ones), 0 background, 255 on the same void band. Every placed object keeps
     at least half of its own area visible and some non-void pixels.
     """
+    rgb, labels, instances, _ = render_annotated_sample(size, rng)
+    return rgb, labels, instances
+
+
+#: An object shown by fewer non-void pixels than this fraction of the image is marked ``difficult``.
+DIFFICULT_FRACTION = 0.02
+
+
+def render_annotated_sample(
+    size: int, rng: np.random.Generator
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray, List[dict]]:
+    """:func:`render_sample` (the same draws, the same arrays) plus one detection annotation per instance, in
+    instance order: ``{"name", "bbox": (xmin, ymin, xmax, ymax) 1-based inclusive, "truncated", "difficult"}``."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     yy += 0.5
     xx += 0.5
@@ -419,9 +445,34 @@ def render_sample(size: int, rng: np.random.Generator) -> Tuple[np.ndarray, np.n
     img += rng.normal(0.0, 4.0, size=img.shape).astype(np.float32)
     rgb = np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
+    annotations = []
+    for k, o in enumerate(objs, start=1):
+        painted = instances == k  # visible pixels, void band included (the box of what is seen)
+        rows, cols = np.flatnonzero(painted.any(axis=1)), np.flatnonzero(painted.any(axis=0))
+        shown = int((painted & ~void).sum())
+        border = bool(o.mask[0].any() or o.mask[-1].any() or o.mask[:, 0].any() or o.mask[:, -1].any())
+        annotations.append({
+            "name": VOC_CLASSES[o.cls],
+            "bbox": (int(cols[0]) + 1, int(rows[0]) + 1, int(cols[-1]) + 1, int(rows[-1]) + 1),
+            "truncated": int(border), "difficult": int(shown < DIFFICULT_FRACTION * size * size),
+        })
     labels[void] = IGNORE_INDEX
     instances[void] = IGNORE_INDEX
-    return rgb, labels, instances
+    return rgb, labels, instances, annotations
+
+
+def annotation_xml(image_id: str, size: int, annotations: Sequence[dict]) -> str:
+    """A VOC ``Annotations/<id>.xml`` document for one S×S image."""
+    objects = "".join(
+        f"  <object>\n    <name>{a['name']}</name>\n    <pose>Unspecified</pose>\n"
+        f"    <truncated>{a['truncated']}</truncated>\n    <difficult>{a['difficult']}</difficult>\n"
+        f"    <bndbox>\n      <xmin>{a['bbox'][0]}</xmin>\n      <ymin>{a['bbox'][1]}</ymin>\n"
+        f"      <xmax>{a['bbox'][2]}</xmax>\n      <ymax>{a['bbox'][3]}</ymax>\n    </bndbox>\n  </object>\n"
+        for a in annotations)
+    return (f"<annotation>\n  <folder>VOC2012</folder>\n  <filename>{image_id}.jpg</filename>\n"
+            f"  <source>\n    <database>vitssl synthetic VOC</database>\n  </source>\n"
+            f"  <size>\n    <width>{size}</width>\n    <height>{size}</height>\n    <depth>3</depth>\n  </size>\n"
+            f"  <segmented>1</segmented>\n{objects}</annotation>\n")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -445,8 +496,11 @@ def _palette_png(arr: np.ndarray, path: Path) -> None:
 
 def _write_one(voc: Path, split: str, index: int, size: int, seed: int) -> None:
     rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
-    rgb, labels, instances = render_sample(size, rng)
+    rgb, labels, instances, annotations = render_annotated_sample(size, rng)
     image_id = f"{split}_{index:06d}"
+    (voc / "Annotations" / f"{image_id}.xml").write_text(annotation_xml(image_id, size, annotations))
+    if split == "train":  # the trainaug split: grey PNGs of ids, as the SBD-augmented masks are distributed
+        Image.fromarray(labels, "L").save(voc / "SegmentationClassAug" / f"{image_id}.png", format="PNG")
     Image.fromarray(rgb, "RGB").save(
         voc / "JPEGImages" / f"{image_id}.jpg", format="JPEG", quality=JPEG_QUALITY, subsampling=0  # 4:4:4
     )
@@ -500,7 +554,8 @@ def _validate(
 def _render_into(root: Path, n_train: int, n_val: int, size: int, seed: int, num_workers: int) -> None:
     """Renders every image, mask and split list into ``root`` (a fresh temporary folder of :func:`_build`)."""
     voc = _voc_dir(root)
-    for sub in ("JPEGImages", "SegmentationClass", "SegmentationObject", os.path.join("ImageSets", "Segmentation")):
+    for sub in ("JPEGImages", "SegmentationClass", "SegmentationObject", os.path.join("ImageSets", "Segmentation"),
+                "Annotations", "SegmentationClassAug", os.path.join("ImageSets", "Main")):
         (voc / sub).mkdir(parents=True, exist_ok=True)
 
     counts = {"train": n_train, "val": n_val}
@@ -527,6 +582,8 @@ def _render_into(root: Path, n_train: int, n_val: int, size: int, seed: int, num
     train_ids, val_ids = _image_ids("train", n_train), _image_ids("val", n_val)
     for name, ids in (("train", train_ids), ("val", val_ids), ("trainval", train_ids + val_ids)):
         (sets / f"{name}.txt").write_text("".join(i + "\n" for i in ids))
+        (voc / "ImageSets" / "Main" / f"{name}.txt").write_text("".join(i + "\n" for i in ids))
+    (sets / "trainaug.txt").write_text("".join(i + "\n" for i in train_ids))
 
 
 def generate_synthetic_voc(out_dir, n_train: int, n_val: int, size: int, seed: int, num_workers: int = 0) -> Path:
@@ -625,7 +682,10 @@ def _layout(n_train: int, n_val: int) -> dict:
             "JPEGImages": files("jpg"),
             "SegmentationClass": files("png"),
             "SegmentationObject": files("png"),
-            "ImageSets": {"dirs": {"Segmentation": {"files": {"train.txt", "val.txt", "trainval.txt"}}}},
+            "Annotations": files("xml"),
+            "SegmentationClassAug": {"files": frozenset(f"{i}.png" for i in _image_ids("train", n_train))},
+            "ImageSets": {"dirs": {"Segmentation": {"files": {"train.txt", "val.txt", "trainval.txt", "trainaug.txt"}},
+                                   "Main": {"files": {"train.txt", "val.txt", "trainval.txt"}}}},
         }}}}},
     }
 
@@ -786,6 +846,81 @@ def _build(target: Path, n_train: int, n_val: int, size: int, seed: int, num_wor
 # ----------------------------------------------------------------------------------------------------
 
 
+# What a folder of a dataset holds (a VOC root, its VOCdevkit or VOC2012 folder, or a set this generator wrote):
+# a cache root holding one of these is that dataset, and the cache would write into it.
+_DATASET_ENTRIES = ("VOCdevkit", "VOC2012", "JPEGImages", "SegmentationClass", "SegmentationObject", "Annotations",
+                    "ImageSets", MARKER_NAME, _LEGACY_MARKER_NAME)
+_LEFTOVER = re.compile(r"\.(?P<target>.+)\.(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}")
+
+
+def cache_root_problem(cache_root) -> Optional[str]:
+    """Why ``cache_root`` cannot hold generated sets (None when it can): it is (or is inside) a dataset folder,
+    e.g. a real VOC root — the cache, its lock and its temporary folders would be written into that dataset."""
+    root = Path(cache_root)
+    if os.path.lexists(root) and not root.is_dir():
+        return f"{root} exists and is not a folder"
+    inside = next((p for p in (root.resolve(), *root.resolve().parents) if p.name == "VOCdevkit"), None)
+    held = next((name for name in _DATASET_ENTRIES if os.path.lexists(root / name)), None)
+    if inside is None and held is None:
+        return None
+    what = f"it is inside the dataset folder {inside}" if inside is not None else f"it holds {held}: a dataset's folder"
+    own = (inside.parent if inside is not None else root) / "synthetic"
+    return (f"{root} cannot hold the generated data's cache ({what}, which the cache would write into); nothing was "
+            f"written; give a folder of its own, e.g. {own}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process: it exists
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _lock_if_free(target: Path) -> Iterator[bool]:
+    """The lock of ``target`` (see :func:`_target_lock`) taken without waiting; False when a build holds it, or
+    there is no lock file (nothing is created here) or no ``flock``."""
+    try:
+        import fcntl
+
+        fd = os.open(target.parent / f".{target.name}.lock", os.O_RDONLY)
+    except (ImportError, OSError):
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _remove_dead_leftovers(cache_root: Path) -> None:
+    """Deletes the temporary and set-aside folders that killed builds of any set in ``cache_root`` left: only
+    folders with our name pattern, holding our marker and nothing else, whose builder process is gone and whose
+    set's lock no build holds (so a build running on another machine of a shared file system keeps its folder)."""
+    try:
+        entries = list(cache_root.iterdir())
+    except OSError:
+        return
+    for path in entries:
+        found = _LEFTOVER.fullmatch(path.name)
+        if found is None or _pid_alive(int(found["pid"])) or not _is_owned_leftover(path):
+            continue
+        with _lock_if_free(cache_root / found["target"]) as free:
+            if free and path.exists():
+                shutil.rmtree(path, ignore_errors=True)
+
+
 def ensure_synthetic_voc(cache_root, n_train: int, n_val: int, size: int, seed: int) -> Path:
     """Generate once and cache: returns a root folder under cache_root whose name encodes the parameters
     (cache_root/synthetic_voc_t{n_train}_v{n_val}_s{size}_seed{seed}). A dataset there is used only when its
@@ -799,7 +934,11 @@ def ensure_synthetic_voc(cache_root, n_train: int, n_val: int, size: int, seed: 
     """
     n_train, n_val, size, seed, _ = _validate(n_train, n_val, size, seed)
     cache_root = Path(cache_root)
+    problem = cache_root_problem(cache_root)
+    if problem:  # before anything is written: no lock file, no temporary folder
+        raise ForeignDirectoryError(problem)
     final = cache_root / cache_dir_name(n_train, n_val, size, seed)
+    _remove_dead_leftovers(cache_root)  # every use of the cache, not only a rebuild of the same set
     if _is_complete(final, _marker_content(n_train, n_val, size, seed)):
         return final
     cache_root.mkdir(parents=True, exist_ok=True)
@@ -818,9 +957,16 @@ class SyntheticSource:
         for name in ("synthetic_train", "synthetic_val"):
             if getattr(cfg, name) < 1:
                 return f"--data.{name} must be >= 1, got {getattr(cfg, name)}"
+            if getattr(cfg, name) > 999_999:
+                return f"--data.{name} must be at most 999999 (image ids have 6 digits), got {getattr(cfg, name)}"
         if cfg.synthetic_size < 16:
             return f"--data.synthetic_size must be >= 16 pixels, got {cfg.synthetic_size}"
-        return None
+        if cfg.synthetic_size > 4096:
+            return f"--data.synthetic_size must be at most 4096 pixels, got {cfg.synthetic_size}"
+        if cfg.synthetic_seed < 0:
+            return f"--data.synthetic_seed must be >= 0, got {cfg.synthetic_seed}"
+        problem = cache_root_problem(cfg.root)
+        return f"--data.root: {problem}" if problem else None
 
     @staticmethod
     def prepare(cfg: DataConfig) -> Path:

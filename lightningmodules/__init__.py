@@ -1,7 +1,14 @@
-"""Tasks: LightningModules holding the training logic, registered by name in ``TASKS``."""
-from lightningmodules import barlow_twins as _barlow_twins  # noqa: F401  (registers 'barlow_twins')
-from lightningmodules import dino as _dino  # noqa: F401  (registers 'dino')
-from lightningmodules import segmentation as _segmentation  # noqa: F401  (registers 'segmentation')
+"""Tasks: LightningModules holding the training logic, registered by name in ``TASKS``.
+
+Every module of this package is imported here, so a task's file registers it (``TASKS.register(...)`` at
+its end) without being listed anywhere: adding a method is its file (docs/extending.md)."""
+import importlib
+import pkgutil
+
+from lightningmodules.base import TaskModule
 from lightningmodules.registry import TASKS, Task
 
-__all__ = ["TASKS", "Task"]
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name):
+    importlib.import_module(f"{__name__}.{_info.name}")
+
+__all__ = ["TASKS", "Task", "TaskModule"]

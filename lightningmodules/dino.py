@@ -46,35 +46,30 @@ the center is the one quantity computed over the global batch, by an all-reduce 
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from typing import Optional, Sequence
 
-import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from config.hparams import Hparams
-from config.loading import from_dict, to_dict
 from datamodules.dino import DinoDataModule
 from datamodules.multicrop import multicrop_problem, resolve_local_size
-from lightningmodules.barlow_twins import batchnorm_stats_frozen, concat_outputs
-from lightningmodules.nonfinite import record_nonfinite
+from lightningmodules.base import TaskModule
 from lightningmodules.registry import TASKS, Task
-from models.backbones import build_backbone, check_backbone_name, input_granularity, is_vit
+from models.backbones import backbone_kind, build_backbone, check_backbone_name, input_granularity, is_vit
 from models.backbones.vit import ViTBackbone
 from models.dino_head import DINOHead
-from models.losses import dino_cross_entropy, dino_teacher_entropies, dino_teacher_probs
-from utils.optim import effective_lr, optimizer_from_groups, parameter_groups, rescale_checkpoint_lrs
+from models.losses import dino_loss, dino_teacher_entropies
+from utils.optim import optimizer_from_groups
 from utils.schedule import log_effective_lr
 from utils.registry import UnknownNameError
-from utils.step_logging import StepMetrics, StepMetricsHooks, is_logging_step
+from utils.step_logging import is_logging_step
 
 
 # ------------------------------------------------------------------------------------------- schedules
@@ -204,7 +199,7 @@ def crops_of(batch) -> list[Tensor]:
 
 
 # ------------------------------------------------------------------------------------------- module
-class DinoModule(StepMetricsHooks, pl.LightningModule):
+class DinoModule(TaskModule):
     """Student (``backbone`` + ``head``) trained to match the EMA teacher (``teacher_backbone`` +
     ``teacher_head``) across crops; buffer ``center`` (1, out_dim).
 
@@ -216,10 +211,10 @@ class DinoModule(StepMetricsHooks, pl.LightningModule):
     first near 0 with the second near 0 is one dimension dominating, both near log K uniform outputs.
     """
 
+    evaluated_role = "teacher"  # evaluation probes read the teacher, as DINO evaluates
+
     def __init__(self, config: dict):
-        super().__init__()
-        self.save_hyperparameters({"config": config}, logger=False)
-        self.cfg: Hparams = from_dict(config)
+        super().__init__(config)
         d = self.cfg.dino
         self.backbone = build_backbone(self.cfg.backbone, self.cfg.data.img_size)
         use_official_position_interpolation(self.backbone)  # local crops: the official pos-embed resampling
@@ -229,19 +224,10 @@ class DinoModule(StepMetricsHooks, pl.LightningModule):
         self.teacher_backbone = teacher_copy(self.backbone)
         self.teacher_head = teacher_copy(self.head)
         self.register_buffer("center", torch.zeros(1, d.out_dim))
-        # peak lr (× batch/256 with --optim.lr_scaling linear); read by configure_optimizers at call time (LR finder)
-        self.lr = effective_lr(self.cfg)
+        self.output_dim = d.out_dim
         self.schedule_steps = 1
         """Iterations the schedules span (``trainer.estimated_stepping_batches``, set by configure_optimizers)."""
         self._iteration = 0
-        self.last_teacher_entropy: Optional[Tensor] = None
-        self.last_teacher_mean_entropy: Optional[Tensor] = None
-        self.train_metrics = StepMetrics()
-        self.register_buffer("first_nonfinite_step", torch.tensor(-1, dtype=torch.long), persistent=False)
-
-    @classmethod
-    def from_hparams(cls, cfg: Hparams) -> "DinoModule":
-        return cls(to_dict(cfg))
 
     def named_backbones(self) -> dict[str, nn.Module]:
         """The backbones pictures and probes may look at; evaluation probes use the teacher, as DINO does."""
@@ -262,21 +248,15 @@ class DinoModule(StepMetricsHooks, pl.LightningModule):
         return cosine_schedule(step, 1.0, self.cfg.optim.min_lr_ratio, self.schedule_steps, warmup_steps)
 
     # ------------------------------------------------------------------------------------ forward passes
+    @property
+    def micro_batch_size(self) -> int:
+        return self.cfg.dino.micro_batch_size
+
     def backbone_features(self, x: Tensor) -> Tensor:
-        """Student backbone embeddings, in chunks of ``dino.micro_batch_size`` images when set, each chunk
-        under non-reentrant activation checkpointing while training (gradient caching, as Barlow Twins'
-        ``backbone_features``): the head and the loss see the whole batch, the backbone's activation memory
-        is one chunk's, and the gradients are the whole batch's."""
-        chunk = self.cfg.dino.micro_batch_size
-        if chunk <= 0 or x.shape[0] <= chunk:
-            return self.backbone(x)
-        if not torch.is_grad_enabled():
-            return concat_outputs([self.backbone(part) for part in x.split(chunk)])
-        return concat_outputs([
-            checkpoint(self.backbone, part, use_reentrant=False, preserve_rng_state=True,
-                       context_fn=lambda: (contextlib.nullcontext(), batchnorm_stats_frozen(self.backbone)))
-            for part in x.split(chunk)
-        ])
+        """Student backbone embeddings, in chunks of ``dino.micro_batch_size`` images when set (the base
+        class's gradient-cached :meth:`~lightningmodules.base.TaskModule.micro_batched`): the head and the
+        loss see the whole batch, the backbone's activation memory is one chunk's."""
+        return self.micro_batched(self.backbone, x)
 
     def student_logits(self, crops: Sequence[Tensor]) -> Tensor:
         """(V·B, K): one backbone pass per run of same-size crops, one head pass over all (MultiCropWrapper)."""
@@ -295,8 +275,8 @@ class DinoModule(StepMetricsHooks, pl.LightningModule):
         """(loss, teacher logits (2B, K), teacher targets) of one batch of crops on this device."""
         teacher = self.teacher_logits(crops[:2])
         student = self.student_logits(crops)
-        targets = dino_teacher_probs(teacher.chunk(2), self.center, self.teacher_temp_at(epoch))
-        loss = dino_cross_entropy(student.chunk(len(crops)), targets, self.cfg.dino.student_temp)
+        loss, targets = dino_loss(student.chunk(len(crops)), teacher.chunk(2), self.center,
+                                  self.cfg.dino.student_temp, self.teacher_temp_at(epoch), return_targets=True)
         return loss, teacher, targets
 
     # ------------------------------------------------------------------------------------ center
@@ -340,7 +320,7 @@ class DinoModule(StepMetricsHooks, pl.LightningModule):
             self.log_dict({"dino/teacher_momentum": self.teacher_momentum_at(it),
                            "dino/teacher_temp": self.teacher_temp_at(epoch), "optim/weight_decay": weight_decay},
                           on_step=True, on_epoch=False, batch_size=batch_size)
-        record_nonfinite(self, loss)
+        self.record_nonfinite(loss)
         return loss
 
     def student_parameters(self) -> list[nn.Parameter]:
@@ -383,14 +363,11 @@ class DinoModule(StepMetricsHooks, pl.LightningModule):
         return loss
 
     # ------------------------------------------------------------------------------------ optimiser
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        rescale_checkpoint_lrs(checkpoint, [g["lr"] for g in parameter_groups(self, self.cfg.optim, self.lr)])
-
     def configure_optimizers(self):
         """The student's parameters (the teacher's have requires_grad=False) in the official two groups:
         weights (weight decay on the dino schedule) and biases / norms (no decay); the official lr schedule."""
         trainer = self.trainer
-        optimizer = optimizer_from_groups(parameter_groups(self, self.cfg.optim, self.lr), self.cfg.optim, self.lr)
+        optimizer = optimizer_from_groups(self.param_groups(), self.cfg.optim, self.lr)
         self.schedule_steps = max(1, int(trainer.estimated_stepping_batches))
         batches = trainer.num_training_batches
         steps_per_epoch = max(1, int(batches)) if batches != float("inf") else self.schedule_steps
@@ -414,7 +391,7 @@ def check_config(cfg: Hparams) -> Optional[str]:
         check_backbone_name(cfg.backbone.name)
     except UnknownNameError:
         return None  # the backbone check names the valid ones
-    if not is_vit(cfg.backbone.name) and cfg.backbone.name != "resnet50":
+    if not is_vit(cfg.backbone.name) and backbone_kind(cfg.backbone.name) != "cnn":
         return (f"--task=dino trains ViTs (vit, any timm ViT name) and resnet50, not --backbone.name="
                 f"{cfg.backbone.name}")
     return multicrop_problem(cfg, input_granularity(cfg.backbone))
@@ -435,6 +412,10 @@ TASKS.register("dino")(
         datamodule=dino_datamodule,
         monitor="val/loss",
         mode="min",
+        pretraining=True,
+        views=2,
+        diagnostic="teacher_entropy",
+        report=("val/loss", "final"),
         metrics=("train/loss_step", "train/loss_epoch", "val/loss", "train/teacher_entropy",
                  "train/teacher_mean_entropy", "dino/teacher_momentum", "dino/teacher_temp", "optim/weight_decay"),
         check_config=check_config,

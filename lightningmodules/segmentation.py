@@ -6,25 +6,20 @@ import csv
 from pathlib import Path
 from typing import Optional
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from config.hparams import Hparams
-from config.loading import from_dict
 from datamodules.device_decode import augment_mode
 from datamodules.segmentation import IGNORE_INDEX, SegmentationDataModule
 from datamodules.voc import VOC_CLASSES
-from lightningmodules.nonfinite import record_nonfinite
+from lightningmodules.base import TaskModule
 from lightningmodules.registry import TASKS, Task
 from models.losses import median_frequency_weights, segmentation_loss
 from models.segmenters import build_segmenter
-from utils.optim import effective_lr, optimizer_from_groups, parameter_groups, rescale_checkpoint_lrs
-from utils.schedule import with_schedule
+from utils.optim import parameter_groups
 from utils.segmentation_metrics import scores_from_confusion
-from utils.step_logging import StepMetrics, StepMetricsHooks
 
 PER_CLASS_FILE = "per_class_iou.csv"
 
@@ -33,29 +28,27 @@ def class_names(num_classes: int) -> list[str]:
     return list(VOC_CLASSES) if num_classes == len(VOC_CLASSES) else [f"class_{i}" for i in range(num_classes)]
 
 
-class SegmentationModule(StepMetricsHooks, pl.LightningModule):
+class SegmentationModule(TaskModule):
     """Trains the head (and the backbone when not frozen) with cross-entropy/Dice/Focal, label 255 ignored.
 
     Logs ``{train,val}/loss``, ``/mIoU``, ``/f1`` (macro) and ``/pixel_acc`` per epoch from one confusion
     matrix per stage; writes the per-class IoU to ``<run>/per_class_iou.csv`` and a wandb table.
     """
 
+    # the training confusion matrix sums over the epoch: carried by checkpoints (utils/step_logging.py)
+    epoch_metric_attributes = ("train_confusion",)
+
     def __init__(self, config: dict):
-        super().__init__()
-        self.save_hyperparameters({"config": config}, logger=False)
-        self.cfg: Hparams = from_dict(config)
+        super().__init__(config)  # self.lr: the head's rate, optim.lr_scaling applied
         seg = self.cfg.segmentation
         self.model = build_segmenter(self.cfg)
         self.criterion = segmentation_loss(seg.loss, seg.num_classes, IGNORE_INDEX, seg.focal_gamma)
-        self.lr = effective_lr(self.cfg)  # head rate, optim.lr_scaling applied; read by configure_optimizers
         # validate_args=False in training: torchmetrics' value checks read the targets on the host (a sync every
         # step); out-of-range labels still fail loudly in the loss. Validation keeps the checks.
         self.train_confusion = MulticlassConfusionMatrix(seg.num_classes, ignore_index=IGNORE_INDEX,
                                                          validate_args=False)
         self.val_confusion = MulticlassConfusionMatrix(seg.num_classes, ignore_index=IGNORE_INDEX)
-        self.register_buffer("first_nonfinite_step", torch.tensor(-1, dtype=torch.long), persistent=False)
         self.last_val_scores: Optional[dict] = None
-        self.train_metrics = StepMetrics()  # train/loss: Lightning's log on logging steps only (utils/step_logging.py)
 
     def setup(self, stage: str) -> None:
         seg = self.cfg.segmentation
@@ -64,6 +57,9 @@ class SegmentationModule(StepMetricsHooks, pl.LightningModule):
         if seg.class_weighting == "median_frequency" and stage in ("fit", "validate"):
             weights = median_frequency_weights(self.trainer.datamodule.class_pixel_counts())
             self.criterion = segmentation_loss(seg.loss, seg.num_classes, IGNORE_INDEX, seg.focal_gamma, weights)
+
+    def named_backbones(self) -> dict[str, nn.Module]:
+        return {"": self.model.backbone}
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)["out"]
@@ -84,7 +80,7 @@ class SegmentationModule(StepMetricsHooks, pl.LightningModule):
         self.train_confusion.update(out["out"].detach().argmax(1), masks)
         self.train_metrics.add("train/loss", loss, prog_bar=True)
         self.train_metrics.commit(self, images.shape[0], batch_idx)
-        record_nonfinite(self, loss)
+        self.record_nonfinite(loss)
         return loss
 
     def on_train_epoch_end(self) -> None:
@@ -148,13 +144,6 @@ class SegmentationModule(StepMetricsHooks, pl.LightningModule):
             groups += parameter_groups(self.model.backbone, self.cfg.optim, self.cfg.segmentation.backbone_lr)
         return groups
 
-    def configure_optimizers(self):
-        return with_schedule(self.trainer, optimizer_from_groups(self.param_groups(), self.cfg.optim, self.lr),
-                             self.cfg.optim)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        rescale_checkpoint_lrs(checkpoint, [g["lr"] for g in self.param_groups()])
-
 
 def _metric_names() -> tuple[str, ...]:
     per_epoch = [f"{stage}/{m}" for stage in ("train", "val") for m in ("mIoU", "mIoU_fg", "f1", "pixel_acc")]
@@ -168,6 +157,7 @@ TASKS.register("segmentation")(
                                                    augment_device=augment_mode(cfg.aug)),
         monitor="val/mIoU",
         mode="max",
+        report=("val/mIoU", "best"),
         metrics=_metric_names(),
     )
 )

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.losses import barlow_twins_loss
+from models.losses import barlow_twins_terms
 from models.projector import Projector
 
 
@@ -82,6 +82,13 @@ class DenseBarlowTwins(nn.Module):
 
     def loss(self, p1: Tensor, p2: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
         """Barlow Twins loss and cross-correlation of the projected point features; rows weighted."""
-        z1, z2 = self.projector(p1), self.projector(p2)
-        return barlow_twins_loss(z1, z2, self.lambd, weight=weight)
+        loss, c, _, _ = self.terms(p1, p2, weight)
+        return loss, c
+
+    def terms(self, p1: Tensor, p2: Tensor, weight: Tensor,
+              check_weight: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`loss` with its two sums, (loss, C, on-diagonal sum, off-diagonal sum), as
+        :func:`models.losses.barlow_twins_terms` returns them (what training runs and logs); ``check_weight``
+        as there (a host sync: a training step checks its first batch only)."""
+        return barlow_twins_terms(self.projector(p1), self.projector(p2), self.lambd, weight, check_weight)
 

@@ -1,4 +1,4 @@
-"""Losses: Barlow Twins and DINO (pure functions) and the segmentation losses (small modules)."""
+"""Losses: Barlow Twins, VICReg and DINO (pure functions) and the segmentation losses (small modules)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -77,6 +77,54 @@ def cross_correlation_terms(c: Tensor) -> tuple[Tensor, Tensor]:
     on_diag = (torch.diagonal(c) - 1).pow(2).sum()
     off_diag = c.flatten()[:-1].view(d - 1, d + 1)[:, 1:].pow(2).sum()
     return on_diag, off_diag
+
+
+# ----------------------------------------------------------------------------------------------- VICReg
+VICREG_VAR_EPS = 1e-4
+"""The official ``torch.sqrt(x.var(dim=0) + 0.0001)``."""
+
+
+def vicreg_loss(z1: Tensor, z2: Tensor, sim_coeff: float = 25.0, std_coeff: float = 25.0,
+                cov_coeff: float = 1.0) -> Tensor:
+    """VICReg loss (Bardes et al., 2022; facebookresearch/vicreg ``main_vicreg.py``, ``VICReg.forward``) of the
+    two views' embeddings (N, D), for one process (see :func:`vicreg_terms`)."""
+    return vicreg_terms(z1, z2, sim_coeff, std_coeff, cov_coeff)[0]
+
+
+def vicreg_terms(z1: Tensor, z2: Tensor, sim_coeff: float = 25.0, std_coeff: float = 25.0,
+                 cov_coeff: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, invariance, variance, covariance): the loss and its three unweighted terms, the tensors the loss
+    adds (a training step logs them without computing them again).
+
+    * invariance: the mean squared difference of z1 and z2 (``F.mse_loss``);
+    * variance: for each view, the mean over dimensions of relu(1 − sqrt(var + 1e-4)) (unbiased variance
+      over the batch), averaged over the two views;
+    * covariance: for each view, the sum of the squared off-diagonal entries of the covariance matrix
+      (centred embeddings, divided by N − 1) divided by D, summed over the two views;
+    * loss = sim_coeff · invariance + std_coeff · variance + cov_coeff · covariance.
+
+    The official code computes the invariance on each process's own batch and the other two terms on the batch
+    gathered from every process; called with the global batch (as lightningmodules/vicreg.py does, gathering
+    with gradients) the loss is the one-process loss on the concatenated batch and the gradients are the
+    official ones. Always computed in float32 (also under autocast): the D² covariance sums lose precision
+    in bf16.
+    """
+    if z1.shape != z2.shape or z1.ndim != 2:
+        raise ValueError(f"expected two (N, D) embeddings of the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    if z1.shape[0] < 2:
+        raise ValueError("VICReg needs at least 2 samples per batch for its variance and covariance terms")
+    n, d = z1.shape
+    with torch.autocast(device_type=z1.device.type, enabled=False):
+        x, y = z1.float(), z2.float()
+        invariance = F.mse_loss(x, y)
+        x, y = x - x.mean(dim=0), y - y.mean(dim=0)
+        std_x, std_y = torch.sqrt(x.var(dim=0) + VICREG_VAR_EPS), torch.sqrt(y.var(dim=0) + VICREG_VAR_EPS)
+        variance = F.relu(1 - std_x).mean() / 2 + F.relu(1 - std_y).mean() / 2
+        _, off_x = cross_correlation_terms(x.T @ x / (n - 1))
+        _, off_y = cross_correlation_terms(y.T @ y / (n - 1))
+        covariance = off_x / d + off_y / d
+        loss = sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance
+    return loss, invariance, variance, covariance
 
 
 # ----------------------------------------------------------------------------------------- segmentation
@@ -189,7 +237,7 @@ def dino_cross_entropy(student_logits: Sequence[Tensor], teacher_probs: Sequence
 
 
 def dino_loss(student_logits: Sequence[Tensor], teacher_logits: Sequence[Tensor], center: Tensor,
-              student_temp: float, teacher_temp: float) -> Tensor:
+              student_temp: float, teacher_temp: float, return_targets: bool = False):
     """DINO's self-distillation loss (Caron et al., 2021; facebookresearch/dino ``DINOLoss.forward``).
 
     ``student_logits``: one (B, K) tensor per view, the global views first; ``teacher_logits``: one (B, K)
@@ -198,8 +246,12 @@ def dino_loss(student_logits: Sequence[Tensor], teacher_logits: Sequence[Tensor]
     softmax((t_i − center) / teacher_temp) and log_softmax(s_v / student_temp). The teacher side carries no
     gradient. Always computed in float32 (also under autocast). The center is not updated here: that is the
     caller's job, after the loss, with the teacher logits of the global batch (see lightningmodules/dino.py).
+    ``return_targets=True``: (loss, the teacher targets of :func:`dino_teacher_probs`), for the caller's
+    entropy diagnostics.
     """
-    return dino_cross_entropy(student_logits, dino_teacher_probs(teacher_logits, center, teacher_temp), student_temp)
+    targets = dino_teacher_probs(teacher_logits, center, teacher_temp)
+    loss = dino_cross_entropy(student_logits, targets, student_temp)
+    return (loss, targets) if return_targets else loss
 
 
 def dino_teacher_entropies(teacher_probs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:

@@ -31,10 +31,10 @@ def test_cross_correlation_plot_uses_the_fixed_scale_and_the_block():
     for im in images:
         assert im.norm.vmin == VMIN and im.norm.vmax == VMAX and im.get_cmap().name == CMAP
     assert images[2].get_array().shape == (16, 16)
-    # 1 is red, 0 is cyan-blue on this scale
-    red = im.cmap(im.norm(1.0))
-    blue = im.cmap(im.norm(0.0))
-    assert red[0] > 0.4 and red[2] < 0.1 and blue[2] > 0.9 and blue[0] < 0.1
+    # 1 is (dark) red, 0 white, -1 blue on this diverging scale (tests/test_pictures.py checks the pixels)
+    red, white, blue = (im.cmap(im.norm(v)) for v in (1.0, 0.0, -1.0))
+    assert red[0] > 0.3 and red[1] < 0.15 and red[2] < 0.5 * red[0]
+    assert min(white[:3]) > 0.95 and blue[2] > blue[0] + 0.3
     no_block = plot_cross_correlation({"train": torch.eye(32)}, "t", block=64)
     assert len([im for ax in no_block.axes for im in ax.get_images()]) == 1
 

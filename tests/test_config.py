@@ -186,7 +186,7 @@ INVALID = [
     (["--backbone.embed_dim=100", "--backbone.num_heads=6"] + SYN, "--backbone.embed_dim=100 is not divisible by --backbone.num_heads=6"),
     (["--backbone.name=vit_tiny_nonexistent"] + SYN, "--backbone.name: unknown backbone 'vit_tiny_nonexistent'; valid: pixels, resnet50, vit"),
     (["--task=classification"] + SYN, "--task: unknown task 'classification'; valid: barlow_twins"),
-    (["--data.dataset=imagenet"], "--data.dataset: unknown dataset 'imagenet'; valid: synthetic, voc"),
+    (["--data.dataset=cityscapes"], "--data.dataset: unknown dataset 'cityscapes'; valid: folder, imagenet, synthetic, voc"),
     (["--optim.lr=0"] + SYN, "--optim.lr must be > 0, got 0.0"),
     (["--optim.lr=-1e-3"] + SYN, "--optim.lr must be > 0"),
     (["--trainer.max_epochs=0"] + SYN, "--trainer.max_epochs must be > 0, got 0"),

@@ -146,7 +146,7 @@ def test_voc_source_checks_the_layout(tmp_path, voc_root):
     assert "has no VOCdevkit/VOC2012" in VOCSource.check(data_cfg(tmp_path))
     assert VOCSource.check(data_cfg(voc_root)) is None
     assert VOCSource.check(DataConfig(root=str(tmp_path / "nope"), download=True)) is None
-    assert sorted(DATASETS.names()) == ["synthetic", "voc"]
+    assert sorted(DATASETS.names()) == ["folder", "imagenet", "synthetic", "voc"]
 
 
 def test_synthetic_source_generates_once_into_the_cache(data_cache, voc_root):

@@ -490,7 +490,8 @@ def test_tool_scores_the_whole_split_as_the_reference_code(tmp_path, data_cache,
     weights = tmp_path / "vit.pth"
     torch.save(vit.state_dict(), weights)
     args = [*TINY_VIT, f"--backbone.weights={weights}", *synthetic(data_cache), "--data.batch_size=5",
-            "--callbacks.emergence_img_size=32", f"--log.output_dir={tmp_path / 'runs'}", "--log.run_name=em"]
+            "--callbacks.emergence_img_size=32", f"--log.output_dir={tmp_path / 'runs'}", "--log.run_name=em",
+            "--metrics=jaccard", "--baseline=false"]
     assert emergence_main(args) == 0
     out = capsys.readouterr().out
     run = tmp_path / "runs" / "em"
@@ -555,7 +556,7 @@ def test_tool_stops_on_an_unreadable_image_and_leaves_no_run_behind(tmp_path, ca
     (tmp_path / "voc" / "VOCdevkit" / "VOC2012" / "JPEGImages" / "b.jpg").write_bytes(b"not a jpeg")
     runs = tmp_path / "runs"
     args = [*TINY_VIT, f"--data.root={tmp_path / 'voc'}", "--data.num_workers=0", "--data.batch_size=2",
-            "--callbacks.emergence_img_size=32", f"--log.output_dir={runs}"]
+            "--callbacks.emergence_img_size=32", f"--log.output_dir={runs}", "--metrics=jaccard"]
     assert emergence_main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: cannot read image") and "b.jpg" in err[0]

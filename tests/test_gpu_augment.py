@@ -23,8 +23,8 @@ from config.loading import ConfigError, parse_config
 from config.validation import validate
 from datamodules.barlow_twins import BarlowTwinsDataModule
 from datamodules.gpu_augment import (DeviceAugmentTransform, DevicePhotometric, PhotometricParams, PhotometricSampler,
-                                     adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation,
-                                     color_jitter_ops, gaussian_blur_ops, random_grayscale, random_solarize)
+                                     adjust_hue, blend, color_jitter_ops, gaussian_blur_ops, grayscale,
+                                     random_grayscale, random_solarize)
 from datamodules.images import load_rgb
 from datamodules.sampling import seeded
 from datamodules.transforms import BarlowTwinsTransform
@@ -57,6 +57,20 @@ def denormalised_uint8_scale(views: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- batched ops vs torchvision
+# The three blends color_jitter_ops applies (a per-sample reference: black, the mean luma, the luma), written as
+# torchvision's single-image functions so each can be compared with its torchvision counterpart.
+def adjust_brightness(images, factor):
+    return blend(images, torch.zeros_like(images), factor)
+
+
+def adjust_contrast(images, factor):
+    return blend(images, grayscale(images).mean(dim=(-3, -2, -1), keepdim=True), factor)
+
+
+def adjust_saturation(images, factor):
+    return blend(images, grayscale(images), factor)
+
+
 def test_blend_operations_match_torchvision_with_a_factor_per_sample():
     images = random_images(5)
     factors = torch.tensor([0.0, 0.6, 1.0, 1.37, 2.0])

@@ -167,4 +167,4 @@ def test_study_runs_every_method_at_every_budget_and_probes_wait_for_them(tmp_pa
 
 def test_unknown_method_is_one_line(capsys):
     assert method_study.main(["--methods", "simclr", "--report-only"]) == 2
-    assert capsys.readouterr().err.strip() == "error: --methods: unknown simclr; valid: bt-global, bt-dense, dino"
+    assert capsys.readouterr().err.strip() == "error: --methods: unknown simclr; valid: bt-global, bt-dense, dino, vicreg"

@@ -145,6 +145,15 @@ def main_tiny(args: list[str], ctx: Context) -> list[str]:
         "trainer.max_epochs": 2 if _flag_value(args, "--trainer.resume") else 1,
         "trainer.log_every_n_steps": 1, "trainer.progress_bar": "false",
     }
+    if _flag_value(args, "--data.dataset") in ("folder", "imagenet"):
+        # an image folder: the generated set's images, its VOC layout as the labelled evaluation set
+        from datamodules.synthetic_voc import ensure_synthetic_voc  # local: the generated set's own folder name
+
+        voc = ensure_synthetic_voc(ctx.data_root, TINY_DATA["synthetic_train"], TINY_DATA["synthetic_val"],
+                                   TINY_DATA["synthetic_size"], 0)
+        values.update({"data.dataset": "folder", "data.root": str(voc / "VOCdevkit" / "VOC2012" / "JPEGImages"),
+                       "data.eval_root": str(voc), "data.subfolders": "", "data.file_list": "",
+                       "data.index_dir": str(ctx.out / "index")})
     backbone = _flag_value(args, "--backbone.name")
     if backbone is None or backbone.startswith("vit"):
         values.update({"backbone.depth": 2, "backbone.embed_dim": 32, "backbone.num_heads": 2, "backbone.patch_size": 8})
@@ -207,6 +216,9 @@ TOOLS = {
     "tools.method_study": Tool(proxy_study_sandbox, method_study_tiny),
     "tools.synthetic_voc": Tool(_nothing, synthetic_voc_tiny),
     "tools.emergence": Tool(emergence_sandbox, emergence_tiny),
+    "tools.list": Tool(_nothing, _nothing),  # reads the registries: nothing to shrink or redirect
+    "tools.export": Tool(_nothing, _nothing),  # reads a run (the copy of runs/<run>), writes into its export/
+    "tools.report": Tool(_nothing, _nothing),  # reads a run (the copy of runs/<run>), writes its report.html
 }
 UNKNOWN_TOOL = Tool(_nothing, _nothing)  # marked commands only: run as written (in the sandbox)
 

@@ -182,7 +182,7 @@ def test_tasks_apart_finished_runs_only_lengths_never_averaged(tmp_path, capsys)
     make_run(root, "seg-eval-killed", [{"epoch": 0, "step": 0, "val/loss": 0.1}], epochs_done=None,
              extra={**SEG_TASK, "trainer": {"eval_only": True}})
 
-    assert summarize.main([str(root), "--params", "backbone.depth"]) == 0
+    assert summarize.main([str(root), "--params", "backbone.depth", "--metric", "val/loss"]) == 0
     captured = capsys.readouterr()
     report_md = (root / "summary.md").read_text()
     assert captured.out.startswith(report_md)

@@ -157,7 +157,9 @@ def test_same_seed_is_byte_identical_and_workers_do_not_matter(tmp_path):
     a = generate_synthetic_voc(tmp_path / "a", 6, 3, 48, seed=5)
     b = generate_synthetic_voc(tmp_path / "b", 6, 3, 48, seed=5, num_workers=2)
     ta, tb = _tree_bytes(a), _tree_bytes(b)
-    assert len(ta) == 3 * 9 + 3 + 1  # images and masks, split lists, marker
+    # images, class and instance masks, annotations; trainaug masks of the 6 train images; segmentation split
+    # lists + trainaug.txt, detection (Main) split lists; marker
+    assert len(ta) == 4 * 9 + 6 + 4 + 3 + 1
     assert ta == tb
 
 

@@ -34,14 +34,37 @@ from typing import Callable, Optional, Sequence
 
 from config.loading import parse_config
 from config.validation import validate
+from tools.cli import OneLineParser, ToolInputError, choice_list, main_flags, number_list, output_folder
 from tools.proxy_study import FLOORS, PROBE, BestOfCurve, column, read_metrics, run
 from tools.sweep import in_repo_root
 
-METHODS = {
+STUDIED = {
     "bt-global": ("Barlow Twins, global", "config/proxy/pretrain.yaml"),
     "bt-dense": ("Barlow Twins, global + dense", "config/proxy/pretrain_dense.yaml"),
     "dino": ("DINO", "config/proxy/pretrain_dino.yaml"),
 }
+"""The methods of the published study (docs/results.md), run by default."""
+PROXY_DIR = Path(__file__).resolve().parent.parent / "config" / "proxy"
+TITLE_PREFIX = "# title: "
+
+
+def discovered_methods() -> dict[str, tuple[str, str]]:
+    """Every other ``config/proxy/pretrain_<method>.yaml``: a method of its own (its ``task``), titled by a first
+    line ``# title: <Title>`` (else its name). Adding a method to the study is adding that config file."""
+    known = {path for _, path in STUDIED.values()}
+    found: dict[str, tuple[str, str]] = {}
+    for path in sorted(PROXY_DIR.glob("pretrain_*.yaml")):
+        rel = f"config/proxy/{path.name}"
+        if rel in known:
+            continue
+        first = path.read_text().splitlines()[:1]
+        name = path.stem[len("pretrain_"):]
+        title = first[0][len(TITLE_PREFIX):].strip() if first and first[0].startswith(TITLE_PREFIX) else name
+        found[name] = (title, rel)
+    return found
+
+
+METHODS = {**STUDIED, **discovered_methods()}
 FIXED_VIEW = "config/proxy/fixed_view.yaml"
 DEFAULT_LRS = (3e-3, 3e-2)
 IMPROVEMENT_TOLERANCE = 0.002
@@ -297,16 +320,12 @@ def plot_jaccard(curves: dict[tuple[str, int], list[tuple[float, float]]], path:
 
 
 # ------------------------------------------------------------------------------------------ entry point
-def numbers(text: str, kind=int) -> list:
-    return [kind(x) for x in text.split(",") if x.strip()]
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.method_study", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m tools.method_study", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs/method_study")
     parser.add_argument("--budgets", default="4,8", help="pretraining epochs, comma-separated")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated: {', '.join(METHODS)}")
+    parser.add_argument("--methods", default=",".join(STUDIED), help=f"comma-separated: {', '.join(METHODS)}")
     parser.add_argument("--heads", default="linear,setr_naive")
     parser.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in DEFAULT_LRS), help="probe learning-rate grid")
     parser.add_argument("--probe-epochs", type=int, default=8, help="first number of epochs tried per rate")
@@ -321,16 +340,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra flag for every run, pretraining and probe (e.g. --set data.root=/tmp/data; the "
                              "probes' epochs and learning rates are the study's own)")
-    args = parser.parse_args(argv)
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        print(f"error: --methods: unknown {', '.join(unknown)}; valid: {', '.join(METHODS)}", file=sys.stderr)
+    try:  # every argument is checked before anything runs: one line, exit 2
+        args = parser.parse_args(argv)
+        methods = choice_list(args.methods, "--methods", list(METHODS))
+        budgets = number_list(args.budgets, "--budgets", int, minimum=1)
+        lrs = number_list(args.lrs, "--lrs", float, above=0)
+        heads = [h.strip() for h in args.heads.split(",") if h.strip()]
+        if not heads:
+            raise ToolInputError("--heads: give at least one segmentation head, e.g. linear,setr_naive")
+        if args.probe_epochs < 1 or args.max_probe_epochs < args.probe_epochs:
+            raise ToolInputError(f"--probe-epochs must be >= 1 and --max-probe-epochs >= it, got {args.probe_epochs} "
+                                 f"and {args.max_probe_epochs}")
+        if not 0 <= args.warmup_fraction <= 1:
+            raise ToolInputError(f"--warmup-fraction must be in [0, 1], got {args.warmup_fraction}")
+        extra = main_flags(args.set)
+        out = output_folder(args.output_dir, "--output-dir")
+    except ToolInputError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    out = Path(args.output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    budgets, lrs, heads = numbers(args.budgets), numbers(args.lrs, float), args.heads.split(",")
-    extra = [f"--{item}" for item in args.set]
     ok = True
     if not args.report_only:
         if args.stage in ("all", "pretrain"):

@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from tools.cli import OneLineParser, ToolInputError, choice_list, main_flags, number_list, output_folder
 from tools.reproduce import existing_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,7 +169,8 @@ def probe_name(row: str, head: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m tools.proxy_study", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs/proxy")
     parser.add_argument("--budgets", default="40,120", help="pretraining epochs, comma-separated")
     parser.add_argument("--heads", default="linear,setr_naive,attn_fusion")
@@ -178,22 +180,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-floors", action="store_true", help="skip the random-init and raw-pixel probe rows")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra flag for every run, e.g. --set trainer.max_epochs=1")
-    args = parser.parse_args(argv)
-    out = Path(args.output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    budgets = [int(b) for b in args.budgets.split(",")]
-    heads = args.heads.split(",")
-    extra = [f"--{item}" for item in args.set]
+    try:  # every argument is checked before anything runs: one line, exit 2
+        args = parser.parse_args(argv)
+        budgets = number_list(args.budgets, "--budgets", int, minimum=1)
+        heads = [h.strip() for h in args.heads.split(",") if h.strip()]
+        if not heads:
+            raise ToolInputError("--heads: give at least one segmentation head, e.g. linear,setr_naive")
+        objectives = choice_list(args.objectives, "--objectives", list(OBJECTIVES))
+        extra = main_flags(args.set)
+        out = output_folder(args.output_dir, "--output-dir")
+    except ToolInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     ok = True
     if not args.report_only:
         if args.stage in ("all", "pretrain"):
-            for objective in args.objectives.split(","):
+            for objective in objectives:
                 for epochs in budgets:
                     ok &= run(f"pretrain-{objective}-e{epochs}", OBJECTIVES[objective],
                               [f"--trainer.max_epochs={epochs}"], out, extra)
         if args.stage in ("all", "probe"):
             for row, flags, pre in backbone_rows(budgets):
-                if pre and pre.split("-")[1] not in args.objectives.split(","):
+                if pre and pre.split("-")[1] not in objectives:
                     continue
                 if (not pre and args.no_floors) or (pre and not (out / pre / "done").is_file()):
                     if pre:

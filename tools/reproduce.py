@@ -53,6 +53,8 @@ import re
 import shlex
 import subprocess
 import sys
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -72,9 +74,30 @@ LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 PUBLISHED = re.compile(r"Report's mIoU \(val\): ([0-9]*\.?[0-9]+)")
 RUN_DIR_LINE = "run directory: "
 
-# What each task is judged by: (metric, which value of its series).
-TASK_METRICS = {"segmentation": ("val/mIoU", "best"), "barlow_twins": ("val/loss", "final"),
-                "dino": ("val/loss", "final")}
+class TaskMetrics(Mapping):
+    """What each task is judged by, task → (metric, which value of its series: 'final' or 'best'): its registry
+    entry's ``report_metric()`` (lightningmodules/registry.py), read when asked (torch loads then only)."""
+
+    @staticmethod
+    def _tasks():
+        from lightningmodules import TASKS  # local: torch loads only to measure a run, never to plan or validate
+
+        return TASKS
+
+    def __getitem__(self, task: str) -> tuple[str, str]:
+        tasks = self._tasks()
+        if task not in tasks:
+            raise KeyError(task)
+        return tasks.get(task).report_metric()
+
+    def __iter__(self):
+        return iter(self._tasks().names())
+
+    def __len__(self) -> int:
+        return len(self._tasks().names())
+
+
+TASK_METRICS = TaskMetrics()
 
 SMOKE_FLAGS = {
     "data.dataset": "synthetic", "data.synthetic_train": 16, "data.synthetic_val": 8, "data.synthetic_size": 32,
@@ -273,7 +296,7 @@ def measure(run_dir: Optional[Path], task: str) -> tuple[str, Optional[float]]:
     """(metric name, value) of a run directory: the task's metric, best or final per TASK_METRICS."""
     from lightningmodules import TASKS  # local: torch loads only to measure a run, never to plan or validate
 
-    metric, which = TASK_METRICS.get(task, (TASKS.get(task).monitor, "final"))
+    metric, which = TASK_METRICS[task]
     if run_dir is None or not (run_dir / "metrics.csv").is_file() or not (run_dir / "config.yaml").is_file():
         return metric, None
     values = [v for _, v in read_run(run_dir, run_dir.parent).series(metric) if math.isfinite(v)]
@@ -292,7 +315,9 @@ def _flags(values: dict) -> list[str]:
 
 def smoke_flags(experiment: Experiment, tables_dir: Path) -> tuple[list[str], list[str]]:
     """(flags, notes) that shrink a config to a smoke test; notes say what was replaced."""
-    from models.backbones import is_vit  # local: torch loads only for --smoke
+    # local: torch loads only for --smoke
+    from lightningmodules import TASKS
+    from models.backbones import is_vit
 
     with in_repo_root():
         cfg = parse_config(["--config", str(experiment.path)])
@@ -303,7 +328,7 @@ def smoke_flags(experiment: Experiment, tables_dir: Path) -> tuple[list[str], li
     if cfg.backbone.pretrained:
         values["backbone.pretrained"] = "false"
         notes.append(f"published {cfg.backbone.name} weights not downloaded: random init")
-    if cfg.task == "segmentation" and cfg.segmentation.pretrained_head:
+    if cfg.segmentation.pretrained_head and not TASKS.get(cfg.task).pretraining:  # a task with a segmentation head
         values["segmentation.pretrained_head"] = "false"
         notes.append("COCO DeepLabV3 head not downloaded: random init")
     return _flags(values), notes
@@ -517,9 +542,16 @@ def write_tables(rows: Sequence[Row], tables_dir: Path, smoke: bool) -> list[Pat
 
 
 # ------------------------------------------------------------------------------------------ entry point
+class _ArgParser(argparse.ArgumentParser):
+    """Its errors are one line (argparse's default prints the usage first)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ReproduceError(f"{message} (see python -m tools.reproduce --help)")
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tools.reproduce", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _ArgParser(prog="python -m tools.reproduce", description=__doc__.split("\n\n")[0],
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("configs", nargs="*", type=Path, help="experiment configs (config/experiments/*/*.yaml)")
     p.add_argument("--suite", action="append", default=[], metavar="NAME",
                    help=f"every config of config/experiments/NAME/ ({', '.join(SUITE_ORDER)}); repeatable")
@@ -552,20 +584,35 @@ def collect(args: argparse.Namespace) -> list[Experiment]:
 
 
 def check_overrides(overrides: Sequence[str]) -> list[str]:
+    """``KEY=VALUE`` items, each a field main.py knows with a value of its type (checked alone, once, before any
+    config is read: one error for the flag, not one per config)."""
     out = []
     for item in overrides:
         key, sep, value = item.partition("=")
         key = key.strip().lstrip("-")
         if not sep or not key:
             raise ReproduceError(f"--set {item!r}: expected KEY=VALUE, e.g. --set trainer.max_epochs=100")
+        if key != "trainer.resume":  # resolving a checkpoint is each run's business, not a type check
+            try:
+                with in_repo_root():
+                    parse_config([f"--{key}={value}"])
+            except ConfigError as err:
+                raise ReproduceError(f"--set {key}={value}: {err}") from None
         out.append(f"{key}={value}")
     return out
 
 
+def check_output_dir(output_dir: Optional[Path]) -> None:
+    if output_dir is not None and output_dir.exists() and not output_dir.is_dir():
+        raise ReproduceError(f"--output-dir {output_dir} is a file; give a folder (created if missing) for the runs "
+                             f"and {TABLES_DIR}/")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_arg_parser().parse_args(argv)
     try:
+        args = build_arg_parser().parse_args(argv)
         overrides = check_overrides(args.overrides)
+        check_output_dir(args.output_dir)
         experiments = collect(args)
         output_dir = args.output_dir.resolve() if args.output_dir else None
         tables_dir = (output_dir or REPO_ROOT / "runs") / TABLES_DIR
@@ -576,6 +623,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             plans.append(plan)
             planned[e.run_name] = plan
     except ReproduceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ConfigError as err:  # a config that does not parse with the flags it gets (found while planning)
         print(f"error: {err}", file=sys.stderr)
         return 2
     problems = [(plan, validate_plan(plan)) for plan in plans]

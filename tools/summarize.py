@@ -21,6 +21,14 @@ Only like is compared with like:
   ``last.ckpt`` (killed before its first epoch ended, or cut short while writing) is unfinished. Unfinished
   runs are listed by name and progress below the tables; ``--include-unfinished`` puts them into the tables,
   means and plots too, marked with how far they got.
+- **Each task by its own metric** by default: the one that picks its best checkpoint (segmentation
+  ``val/mIoU``, higher is better; pretraining ``val/loss``, lower is better); ``--metric``/``--goal`` choose
+  another for every task.
+- **A copy is not a second sample**: run directories sharing a ``run_id`` (``run.json``; a copied run
+  directory, resumed or not) count once, the copy that trained furthest; the others are named in a note.
+- **Plots never join unlike runs**: a line joins finished runs of one configuration (every differing config
+  field but the x axis and ``seed`` is held fixed along it); runs of different training lengths are points,
+  never a line; unfinished runs (``--include-unfinished``) are hollow markers outside lines and means.
 - **Training length is never averaged over**: the swept parameters are by default the config fields whose
   values differ between the runs of a task (bookkeeping fields such as ``log.run_name`` excluded), in
   config order, which includes ``trainer.max_epochs``/``max_steps`` when they differ; when ``--params``
@@ -35,9 +43,13 @@ Writes, into ``--out`` (default: the runs folder):
   — a line per value of the second parameter when there are two (and a heatmap of the grid beside it), a
   line (numeric values) or bars otherwise.
 
-Errors (exit status 2): no run directories, no finished run (without ``--include-unfinished``), a metric
+A run whose ``metrics.csv`` or ``config.yaml`` cannot be read (not text, not CSV, a cell that is not a
+number, YAML that does not parse) is left out of every table and listed with what is wrong; a last
+``metrics.csv`` row without its line end (a writer killed mid-row) is ignored.
+
+Errors (exit status 2, one line): no run directories, no finished run (without ``--include-unfinished``), a metric
 that no run logged (the logged ones are listed), a ``--params`` name that is not a config field (the
-closest ones are suggested).
+closest ones are suggested), a runs folder or ``--out`` that is a file or cannot be read or written.
 """
 from __future__ import annotations
 
@@ -122,6 +134,8 @@ class RunRecord:
     columns: list[str]
     rows: list[dict[str, str]]
     _progress: Optional[Progress] = field(default=None, repr=False)
+    problem: Optional[str] = None
+    """Why its metrics.csv or config.yaml cannot be read (then it has no rows and is left out); None if readable."""
 
     @property
     def task(self) -> str:
@@ -132,7 +146,7 @@ class RunRecord:
     @property
     def progress(self) -> Progress:
         if self._progress is None:
-            self._progress = run_progress(self.path, self.config)
+            self._progress = (Progress(False, self.problem) if self.problem else run_progress(self.path, self.config))
         return self._progress
 
     def series(self, metric: str) -> list[tuple[Optional[int], float]]:
@@ -179,6 +193,9 @@ class Summary:
     root: Path
     files: dict[str, Path] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    others: list[str] = field(default_factory=list)
+    """Config fields that differ between the task's runs beside ``params`` (seed excepted): the plot never joins
+    or averages runs that differ in one of them."""
 
     @property
     def best_row(self) -> Optional[Row]:
@@ -199,13 +216,16 @@ class Report:
     include_unfinished: bool
     left_out: list[RunRecord] = field(default_factory=list)
     """Unfinished runs (without --include-unfinished)."""
+    unreadable: list[RunRecord] = field(default_factory=list)
+    """Runs whose metrics.csv or config.yaml cannot be read (always left out; ``problem`` says why)."""
     notes: list[str] = field(default_factory=list)
     """Tasks whose runs did not log the metric, and similar."""
     files: dict[str, Path] = field(default_factory=dict)
 
     @property
     def warnings(self) -> list[str]:
-        return [w for g in self.groups for w in g.warnings] + self.notes
+        unreadable = [f"{r.name} left out: {r.problem}" for r in self.unreadable]
+        return [w for g in self.groups for w in g.warnings] + self.notes + unreadable
 
     def group(self, task: str) -> Summary:
         return next(g for g in self.groups if g.task == task)
@@ -238,7 +258,11 @@ def find_run_dirs(root: Path) -> list[Path]:
         if (folder / CONFIG_FILE).is_file() and (folder / METRICS_FILE).is_file():
             found.append(folder)
             return
-        for child in sorted(folder.iterdir()):
+        try:
+            children = sorted(folder.iterdir())
+        except OSError as err:
+            raise SummaryError(f"cannot read folder {folder}: {err.strerror or err}") from None
+        for child in children:
             if child.is_dir() and not child.name.startswith(".") and not child.is_symlink():
                 walk(child)
 
@@ -246,17 +270,68 @@ def find_run_dirs(root: Path) -> list[Path]:
     return found
 
 
-def read_run(path: Path, root: Path) -> RunRecord:
-    config = yaml.safe_load((path / CONFIG_FILE).read_text()) or {}
-    with (path / METRICS_FILE).open(newline="") as f:
-        reader = csv.DictReader(f)
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def read_metrics(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """(columns, rows) of a metrics.csv; ValueError saying what is wrong when it is not text, not CSV, or holds a
+    cell that is not a number. A last row without its line end (its writer was killed mid-row) is dropped."""
+    try:
+        with path.open(newline="") as f:  # line ends kept as written: a torn last row is told by its missing end
+            text = f.read()
+    except UnicodeDecodeError:
+        raise ValueError(f"{METRICS_FILE} is not text (it holds bytes that are not UTF-8)") from None
+    except OSError as err:
+        raise ValueError(f"{METRICS_FILE} cannot be read ({err.strerror or err})") from None
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith(("\n", "\r")):
+        lines = lines[:-1]
+    try:
+        reader = csv.DictReader(lines)
         rows = list(reader)
-        columns = list(reader.fieldnames or [])
+    except csv.Error as err:
+        raise ValueError(f"{METRICS_FILE} is not valid CSV ({err})") from None
+    columns = list(reader.fieldnames or [])
+    for line, row in enumerate(rows, start=2):
+        if None in row:
+            raise ValueError(f"{METRICS_FILE} line {line} has more cells than its header has columns")
+        bad = next(((k, v) for k, v in row.items() if v not in (None, "") and not _is_number(v)), None)
+        if bad is not None:
+            raise ValueError(f"{METRICS_FILE} line {line}, column {bad[0]!r}: {bad[1][:40]!r} is not a number")
+    return columns, rows
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A run's config.yaml as a mapping; ValueError saying what is wrong when it cannot be read as one."""
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError:
+        raise ValueError(f"{CONFIG_FILE} is not text (it holds bytes that are not UTF-8)") from None
+    except OSError as err:
+        raise ValueError(f"{CONFIG_FILE} cannot be read ({err.strerror or err})") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{CONFIG_FILE} is not valid YAML ({' '.join(str(err).split())[:120]})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{CONFIG_FILE} is not a mapping of config groups (it holds a {type(config).__name__})")
+    return config
+
+
+def read_run(path: Path, root: Path) -> RunRecord:
+    """The run in ``path``; a run whose files cannot be read comes back with ``problem`` set and no rows."""
     name = path.relative_to(root).as_posix() if path != root else path.name
+    try:
+        config = read_config(path / CONFIG_FILE)
+        columns, rows = read_metrics(path / METRICS_FILE)
+    except ValueError as err:
+        return RunRecord(name, path, _default_config(), [], [], problem=str(err))
     # A field missing from an older run's config.yaml is read as its default, so that runs made before a
     # field existed do not all "differ" in it.
-    return RunRecord(name, path, {**_default_config(), **(flatten(config) if isinstance(config, dict) else {})},
-                     columns, rows)
+    return RunRecord(name, path, {**_default_config(), **flatten(config)}, columns, rows)
 
 
 def _default_config() -> dict[str, Any]:
@@ -295,29 +370,85 @@ def _goal(goal: str) -> str:
     return aliases[goal]
 
 
-def summarize(root: str | Path, metric: str = "val/loss", params: Optional[Sequence[str]] = None,
-              goal: str = "min", out: Optional[str | Path] = None, plot: str = "final",
+def task_target(task: str, metric: Optional[str], goal: Optional[str]) -> tuple[str, str]:
+    """(metric, goal) a task's table uses: ``metric`` when given, else the task's own monitored metric (the one
+    that picks its best checkpoint: segmentation val/mIoU, pretraining val/loss); ``goal`` when given, else the
+    task's mode for its monitored metric and min for any other."""
+    from lightningmodules import TASKS  # local: the registry imports torch; errors above need none of it
+
+    name = task.split(" (")[0]  # "segmentation (eval-only)" is compared by segmentation's metric
+    monitor, mode = (TASKS.get(name).monitor, TASKS.get(name).mode) if name in TASKS else ("val/loss", "min")
+    chosen = metric or monitor
+    return chosen, goal or (mode if chosen == monitor else "min")
+
+
+TASK_METRIC = "each task's monitored metric"
+"""What the report says when no --metric was given (every task table names its own)."""
+
+
+def drop_copies(runs: list[RunRecord]) -> tuple[list[RunRecord], list[str]]:
+    """One run per ``run_id`` (run.json): a copied run directory, resumed or not, repeats its original's
+    numbers and must not count as a second sample. Keeps the copy that trained furthest (then the first by
+    name); returns the kept runs and one note per dropped copy."""
+    import json
+
+    by_id: dict[str, list[RunRecord]] = {}
+    kept: list[RunRecord] = []
+    for run in runs:
+        try:
+            run_id = json.loads((run.path / "run.json").read_text()).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            run_id = None
+        if run_id:
+            by_id.setdefault(run_id, []).append(run)
+        else:
+            kept.append(run)
+    notes = []
+    for run_id, same in by_id.items():
+        same.sort(key=lambda r: (-(r.progress.steps or 0), r.name))
+        kept.append(same[0])
+        notes += [f"{r.name} is a copy of run {same[0].name} (same run_id {run_id} in run.json) and is left out: "
+                  f"it repeats that run, it is no second sample" for r in same[1:]]
+    order = {id(r): i for i, r in enumerate(runs)}
+    return sorted(kept, key=lambda r: order[id(r)]), notes
+
+
+def summarize(root: str | Path, metric: Optional[str] = None, params: Optional[Sequence[str]] = None,
+              goal: Optional[str] = None, out: Optional[str | Path] = None, plot: str = "final",
               include_unfinished: bool = False) -> Report:
-    """Read the runs under ``root`` and write summary.md, summary.csv and the plot(s) into ``out``."""
+    """Read the runs under ``root`` and write summary.md, summary.csv and the plot(s) into ``out``. Without
+    ``metric``, each task is summarised by its own monitored metric and mode (:func:`task_target`)."""
     root = Path(root)
-    goal = _goal(goal)
+    goal = _goal(goal) if goal is not None else None
     if plot not in ("final", "best"):
         raise SummaryError(f"--plot must be final or best, got {plot!r}")
+    if root.exists() and not root.is_dir():
+        raise SummaryError(f"{root} is a file, not a folder of run directories")
     if not root.is_dir():
         raise SummaryError(f"{root}: no such folder")
+    out_dir = Path(out) if out is not None else root
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SummaryError(f"--out {out_dir} is a file; give a folder (it is created if missing) for summary.md, "
+                           f"summary.csv and the plots")
     if params is not None:
         check_params(params)
-    found = [read_run(p, root) for p in find_run_dirs(root)]
-    if not found:
+    everything = [read_run(p, root) for p in find_run_dirs(root)]
+    if not everything:
         raise SummaryError(f"{root}: no run directories (folders holding {CONFIG_FILE} and {METRICS_FILE}) under it")
-    report = Report(metric, goal, root, [], include_unfinished)
+    found = [r for r in everything if r.problem is None]
+    report = Report(metric or TASK_METRIC, goal or "the task's own", root, [], include_unfinished,
+                    unreadable=[r for r in everything if r.problem])
+    if not found:
+        raise SummaryError(f"none of the {len(everything)} runs under {root} can be read ({_left_out_text(everything)})")
     runs = found if include_unfinished else [r for r in found if r.progress.finished]
     report.left_out = [] if include_unfinished else [r for r in found if not r.progress.finished]
     if not runs:
         raise SummaryError(f"none of the {len(found)} runs under {root} finished ({_left_out_text(found)}); "
                            "--include-unfinished summarises them anyway")
+    runs, copies = drop_copies(runs)
+    report.notes += copies
     logged = sorted({c for r in runs for c in r.columns if c not in INDEX_COLUMNS and r.series(c)})
-    if not any(r.series(metric) for r in runs):
+    if metric is not None and not any(r.series(metric) for r in runs):
         import difflib
 
         close = difflib.get_close_matches(metric, logged, n=1)
@@ -330,19 +461,23 @@ def summarize(root: str | Path, metric: str = "val/loss", params: Optional[Seque
         tasks.setdefault(run.task, []).append(run)
     for task in sorted(tasks):
         members = tasks[task]
-        if not any(r.series(metric) for r in members):
-            report.notes.append(f"the {len(members)} {task} runs logged no {metric} and are not tabulated")
+        task_metric, task_goal = task_target(task, metric, goal)
+        if not any(r.series(task_metric) for r in members):
+            report.notes.append(f"the {len(members)} {task} runs logged no {task_metric} and are not tabulated")
             continue
-        report.groups.append(_summarize_task(task, members, metric, goal, params, root))
-    out_dir = Path(out) if out is not None else root
-    out_dir.mkdir(parents=True, exist_ok=True)
+        report.groups.append(_summarize_task(task, members, task_metric, task_goal, params, root))
     report.files = {"md": out_dir / "summary.md", "csv": out_dir / "summary.csv"}
-    for g in report.groups:
-        stem = "summary" if len(report.groups) == 1 else f"summary_{_slug(g.task)}"
-        g.files["png"] = out_dir / f"{stem}.png"
-        write_plot(g, g.files["png"], value=plot)
-    write_csv(report, report.files["csv"])
-    write_markdown(report, report.files["md"])
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for g in report.groups:
+            stem = "summary" if len(report.groups) == 1 else f"summary_{_slug(g.task)}"
+            g.files["png"] = out_dir / f"{stem}.png"
+            write_plot(g, g.files["png"], value=plot)
+        write_csv(report, report.files["csv"])
+        write_markdown(report, report.files["md"])
+    except OSError as err:  # a read-only or full file system, a file where a folder should be
+        where = err.filename or out_dir
+        raise SummaryError(f"--out: cannot write {where}: {err.strerror or err}") from None
     return report
 
 
@@ -364,6 +499,11 @@ def _summarize_task(task: str, runs: list[RunRecord], metric: str, goal: str, pa
         names += lengths
         summary.warnings.append(f"{task} runs differ in {' and '.join(lengths)}: added to the parameters, so that "
                                 "runs of different lengths are not averaged together")
+    summary.others = [f for f in differing if f not in names and f != "seed"]
+    if summary.others:
+        summary.warnings.append(f"{task} runs also differ in {', '.join(summary.others[:4])}"
+                                f"{', ...' if len(summary.others) > 4 else ''} (not in --params): the plot draws each "
+                                "of their settings as its own series")
     if params is None and len(names) > 4:
         summary.warnings.append(f"{len(names)} config fields differ between the {task} runs ({', '.join(names[:6])}"
                                 f"{', ...' if len(names) > 6 else ''}); --params picks the ones that were swept")
@@ -415,7 +555,7 @@ def write_csv(report: Report, path: Path) -> None:
                 writer.writerow([r.run.name, g.task, r.run.progress.status, *(r.params.get(n, "") for n in params),
                                  "" if r.final is None else repr(r.final), "" if r.best is None else repr(r.best),
                                  _fmt(r.best_step), _fmt(r.final_step), _fmt(r.steps), _fmt(r.epochs),
-                                 report.metric, report.goal, str(r.run.path)])
+                                 g.metric, g.goal, str(r.run.path)])
 
 
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Sequence[str]) -> list[str]:
@@ -518,6 +658,9 @@ def write_markdown(report: Report, path: Path) -> None:
     if report.left_out:
         lines += [f"Left out, unfinished ({len(report.left_out)}; `--include-unfinished` includes them): "
                   + "; ".join(f"{r.name} ({r.task}, {r.progress.status})" for r in report.left_out) + ".", ""]
+    if report.unreadable:
+        lines += [f"Left out, unreadable ({len(report.unreadable)}): "
+                  + "; ".join(f"{r.name} ({r.problem})" for r in report.unreadable) + ".", ""]
     path.write_text("\n".join(lines).rstrip("\n") + "\n")
 
 
@@ -531,7 +674,7 @@ def write_plot(summary: Summary, path: Path, value: str = "final") -> None:
     label = f"{value} {m}"
     arrow = "lower is better" if summary.goal == "min" else "higher is better"
     rows = [r for r in summary.rows if getattr(r, value) is not None and math.isfinite(getattr(r, value))]
-    two_d = len(params) == 2
+    two_d = len(params) == 2 and not summary.others  # a heatmap cell would average different configurations
     fig, axes = plt.subplots(1, 2 if two_d else 1, figsize=(12 if two_d else 7, 4.8), squeeze=False,
                              layout="constrained")
     ax = axes[0][0]
@@ -547,12 +690,17 @@ def write_plot(summary: Summary, path: Path, value: str = "final") -> None:
         numeric = _is_numeric(xs)
         categories = sorted(set(xs), key=_sort_key)
         series: dict[tuple, list[Row]] = {}
+        others = summary.others  # never joined by a line nor averaged: each setting of them is its own series
         for r in rows:
-            series.setdefault(tuple(r.params[g] for g in groups), []).append(r)
+            key = tuple(r.params[g] for g in groups) + tuple(_fmt(r.run.config.get(f)) for f in others)
+            series.setdefault(key, []).append(r)
+        # A line joins runs of one configuration (but x) that finished, never runs of different training lengths.
+        joined = x_name not in LENGTH_FIELDS
         for key in sorted(series, key=lambda k: tuple(_sort_key(v) for v in k)):
             members = series[key]
-            name = ", ".join(f"{g}={_fmt(v)}" for g, v in zip(groups, key)) or None
-            if not numeric and not groups:  # one categorical parameter: bars
+            name = ", ".join(f"{g.rsplit('.', 1)[-1] if g in others else g}={_fmt(v)}"
+                             for g, v in zip([*groups, *others], key)) or None
+            if not numeric and not groups and not others:  # one categorical parameter: bars
                 means = [statistics.fmean(getattr(r, value) for r in members if r.params[x_name] == c)
                          for c in categories]
                 ax.bar(range(len(categories)), means, color="tab:blue")
@@ -562,13 +710,20 @@ def write_plot(summary: Summary, path: Path, value: str = "final") -> None:
             pos = (lambda v: v) if numeric else (lambda v: categories.index(v))
             by_x: dict[Any, list[float]] = {}
             for r in members:
-                by_x.setdefault(r.params[x_name], []).append(getattr(r, value))
+                if r.finished:  # unfinished runs: hollow markers below, never part of a line or a mean
+                    by_x.setdefault(r.params[x_name], []).append(getattr(r, value))
             line_x = sorted(by_x, key=_sort_key)
             line_y = [statistics.fmean(by_x[v]) for v in line_x]
-            (line,) = ax.plot([pos(v) for v in line_x], line_y, marker="o", label=name)
+            (line,) = ax.plot([pos(v) for v in line_x], line_y, marker="o", label=name,
+                              linestyle="-" if joined else "none")
             if any(len(v) > 1 for v in by_x.values()):  # repeated settings (seeds): every run as a dot
-                ax.scatter([pos(r.params[x_name]) for r in members], [getattr(r, value) for r in members],
+                done = [r for r in members if r.finished]
+                ax.scatter([pos(r.params[x_name]) for r in done], [getattr(r, value) for r in done],
                            s=12, alpha=0.5, color=line.get_color())
+            stopped = [r for r in members if not r.finished]
+            if stopped:
+                ax.scatter([pos(r.params[x_name]) for r in stopped], [getattr(r, value) for r in stopped], s=40,
+                           facecolors="none", edgecolors=line.get_color(), label=f"{name or 'runs'}, unfinished")
             if len(series) == 1:
                 for xv, yv in zip(line_x, line_y):
                     ax.annotate(_fmt(yv), (pos(xv), yv), textcoords="offset points", xytext=(0, 6),
@@ -581,8 +736,8 @@ def write_plot(summary: Summary, path: Path, value: str = "final") -> None:
                 ax.set_xticks(categories, [_fmt(c) for c in categories])
         elif groups:
             ax.set_xticks(range(len(categories)), [_fmt(c) for c in categories])
-        ax.set_xlabel(x_name)
-        if groups:
+        ax.set_xlabel(x_name + ("" if joined else " (points: runs of different lengths are not joined)"))
+        if groups or others or any(not r.finished for r in rows):
             ax.legend(fontsize=8)
     ax.set_ylabel(label)
     ax.margins(x=0.08, y=0.12)
@@ -650,8 +805,11 @@ class _ArgParser(argparse.ArgumentParser):
 def build_arg_parser() -> argparse.ArgumentParser:
     p = _ArgParser(prog="python -m tools.summarize", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", help="folder holding run directories (e.g. runs/ or the --log.output_dir of a sweep)")
-    p.add_argument("--metric", default="val/loss", help="metrics.csv column to summarise (default: val/loss)")
-    p.add_argument("--goal", default="min", help="min or max: which value is best (default: min)")
+    p.add_argument("--metric", default=None,
+                   help="metrics.csv column to summarise (default: each task's own monitored metric, the one that "
+                        "picks its best checkpoint: val/mIoU for segmentation, val/loss for pretraining)")
+    p.add_argument("--goal", default=None, help="min or max: which value is best (default: the task's own for its "
+                                                "monitored metric, min for any other)")
     p.add_argument("--params", default=None,
                    help="comma-separated config fields to tabulate and plot against, e.g. "
                         "backbone.depth,barlow.proj_dim (default: the fields that differ between runs)")

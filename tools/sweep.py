@@ -347,10 +347,16 @@ def load_sweep(path: str | Path, overrides: Mapping[str, Any] | Sequence[str] = 
     become constant parameters, replacing the file's fixed values."""
     path = Path(path)
     src = _where(path)
+    if path.is_dir():
+        raise SweepError(f"{src} is a folder; give a sweep file (e.g. sweeps/learning_rate.yaml)")
     if not path.is_file():
         raise SweepError(f"{src}: no such sweep file")
     try:
         raw = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise SweepError(f"{src} is not a text file (it holds bytes that are not UTF-8); give a sweep YAML file") from None
+    except OSError as err:
+        raise SweepError(f"{src}: cannot read it: {err.strerror or err}") from None
     except yaml.YAMLError as err:
         hint = ""
         if "${" in path.read_text():

@@ -18,11 +18,16 @@ from datamodules.synthetic_voc import (
     _voc_dir,
     generate_synthetic_voc,
 )
+from tools.cli import OneLineParser, ToolInputError
+
+
+# option → (smallest, largest) value
+LIMITS = {"--train": (1, 999_999), "--val": (1, 999_999), "--size": (16, 4096), "--seed": (0, None), "--workers": (0, None)}
 
 
 def _build_parser() -> argparse.ArgumentParser:
     classes = ", ".join(f"{i}:{c}={CLASS_SHAPES[i]}/{CLASS_TEXTURES[i]}" for i, c in enumerate(VOC_CLASSES) if i)
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m tools.synthetic_voc",
         description=(
             "Generate a synthetic dataset in the Pascal VOC 2012 segmentation layout "
@@ -51,16 +56,26 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_limits(args: argparse.Namespace) -> None:
+    for option, (low, high) in LIMITS.items():
+        value = getattr(args, option[2:])
+        if value < low or (high is not None and value > high):
+            valid = f"{low} to {high}" if high is not None else f">= {low}"
+            raise ToolInputError(f"{option} must be {valid}, got {value}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = _build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = _build_parser().parse_args(argv)
+        _check_limits(args)
+    except ToolInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     try:
         root = generate_synthetic_voc(
             args.out_dir, args.train, args.val, args.size, args.seed, num_workers=args.workers
         )
-    except ValueError as exc:
-        parser.error(str(exc))
     except ForeignDirectoryError as exc:  # nothing was written: a usage error, like a bad flag
         print(f"error: {exc}", file=sys.stderr)
         return 2

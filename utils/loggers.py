@@ -1,4 +1,4 @@
-"""Loggers: a CSV logger that keeps a resumed run's history, and wandb with an offline fallback."""
+"""Loggers: a CSV logger that keeps a resumed run's history, wandb with an offline fallback, and TensorBoard."""
 from __future__ import annotations
 
 import csv
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import urlparse
 
-from pytorch_lightning.loggers import CSVLogger, WandbLogger
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 
@@ -76,6 +76,21 @@ def drop_rows_from_step(path: Path, step: int) -> None:
         writer.writerows(kept)
 
 
+TENSORBOARD_DIR = "tensorboard"
+
+
+class RunTensorBoardLogger(TensorBoardLogger):
+    """Lightning's TensorBoard logger writing event files to ``<run_dir>/tensorboard/`` (a resumed run adds a
+    new event file there; TensorBoard joins them by step). The config is not repeated as hparams: config.yaml
+    records it, and TensorBoard's hparams tab would only show a flat copy."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(save_dir=str(run_dir), name=TENSORBOARD_DIR, version="", default_hp_metric=False)
+
+    def log_hyperparams(self, params=None, metrics=None) -> None:
+        pass
+
+
 def wandb_credentials_available() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
@@ -97,7 +112,11 @@ def effective_wandb_mode(cfg: Hparams) -> str:
 
 def build_wandb_logger(cfg: Hparams, run_dir: Path, mode: str) -> WandbLogger:
     id_file = run_dir / "wandb_id.txt"
-    if os.environ.get("WANDB_RUN_ID"):  # under a wandb sweep agent: the agent's id is the one wandb uses
+    if global_rank() > 0:
+        # Lightning gives the other processes a dummy experiment: they log nothing and must write nothing (under
+        # torchrun/SLURM they may get here before the first process has created the run directory).
+        run_id = None
+    elif os.environ.get("WANDB_RUN_ID"):  # under a wandb sweep agent: the agent's id is the one wandb uses
         run_id = os.environ["WANDB_RUN_ID"]
         id_file.write_text(run_id + "\n")
     elif id_file.is_file():  # resumed run: continue the same wandb run

@@ -30,8 +30,11 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
 
 def log_effective_lr(trainer, optimizer: torch.optim.Optimizer) -> None:
     """Log ``optim/effective_lr``, the peak rate of the first parameter group (``optim.lr``, scaled by
-    ``optim.lr_scaling``; the weights' group), to every logger at the current step (rank zero)."""
-    if not trainer.is_global_zero or not optimizer.param_groups:
+    ``optim.lr_scaling``; the weights' group), to every logger at the current step (rank zero).
+
+    Not when fit() resumes a checkpoint: the run logged it when it started, and Lightning builds the optimizer
+    before it restores the step counter (it would be a second row at step 0)."""
+    if not trainer.is_global_zero or not optimizer.param_groups or getattr(trainer, "ckpt_path", None):
         return
     value = float(optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"]))
     for logger in trainer.loggers:

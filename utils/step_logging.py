@@ -123,19 +123,79 @@ class StepMetrics:
         self.reset()
 
     def reset(self) -> None:
-        """Forget the sums (a new epoch; Lightning also starts from zero after a resume)."""
+        """Forget the sums (a new epoch)."""
         self._sum, self._count, self._values = None, 0, {}
+
+    def state_dict(self) -> dict:
+        """The epoch so far (sums, summed batch sizes, the metrics' flags), for a checkpoint: a run resumed in
+        the middle of an epoch continues the sums, so its epoch means are the uninterrupted run's, bit for bit."""
+        return {"kinds": {name: list(kind) for name, kind in self._kinds.items()},
+                "epoch_names": None if self._epoch_names is None else list(self._epoch_names),
+                "sum": None if self._sum is None else self._sum.detach().cpu().clone(),
+                "count": self._count}
+
+    def load_state_dict(self, state: dict, device=None) -> None:
+        """Continue the epoch of :meth:`state_dict` (sums moved to ``device``)."""
+        self._kinds = {name: tuple(kind) for name, kind in state["kinds"].items()}
+        self._epoch_names = None if state["epoch_names"] is None else tuple(state["epoch_names"])
+        self._sum = None if state["sum"] is None else state["sum"].to(device)
+        self._count, self._values = int(state["count"]), {}
+
+
+EPOCH_STATE_KEY = "epoch_accumulators"  # the checkpoint entry holding the training epoch's running sums
+
+
+def metric_state(metric) -> dict:
+    """A torchmetrics ``Metric``'s accumulated state (its tensors on the CPU and its update count)."""
+    return {"states": {name: getattr(metric, name).detach().cpu().clone() for name in metric._defaults},
+            "update_count": int(metric._update_count)}
+
+
+def load_metric_state(metric, state: dict) -> None:
+    """Put :func:`metric_state`'s values back into ``metric`` (on the metric's device), as if its updates ran."""
+    device = metric.device
+    for name, value in state["states"].items():
+        setattr(metric, name, value.to(device))
+    metric._update_count = state["update_count"]
+    metric._computed = None
 
 
 class StepMetricsHooks:
     """The LightningModule hooks of a module that logs its training scalars through ``self.train_metrics`` (a
     :class:`StepMetrics`): list it before ``pl.LightningModule`` among the bases. A module with more to do at
-    an epoch's end overrides the hook and calls ``super()``."""
+    an epoch's end overrides the hook and calls ``super()``.
+
+    Checkpoints carry the training epoch's running sums (``train_metrics`` and the torchmetrics metrics named
+    in ``epoch_metric_attributes``, e.g. a training confusion matrix): a run resumed from a checkpoint taken in
+    the middle of an epoch logs the same epoch values as the uninterrupted run, not means over the batches
+    after the resume. A module that defines its own ``on_load_checkpoint`` calls ``super()``."""
 
     train_metrics: StepMetrics
+    epoch_metric_attributes: tuple[str, ...] = ()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[EPOCH_STATE_KEY] = {
+            "train_metrics": self.train_metrics.state_dict(),
+            **{name: metric_state(getattr(self, name)) for name in self.epoch_metric_attributes},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Applied in on_train_start (Lightning restores the module before that hook, which starts from zero).
+        self._pending_epoch_state = checkpoint.get(EPOCH_STATE_KEY)
 
     def on_train_start(self) -> None:
-        self.train_metrics.reset()  # e.g. after the tuner's trial steps on this module
+        pending, self._pending_epoch_state = getattr(self, "_pending_epoch_state", None), None
+        # Only when fit() resumes a checkpoint: the tuner's temporary checkpoints are loaded too, and its trial
+        # steps' sums must go (a checkpoint of an earlier version has no entry: the epoch starts from zero).
+        if pending is not None and self.trainer.ckpt_path is not None:
+            self.train_metrics.load_state_dict(pending["train_metrics"], self.device)
+            for name in self.epoch_metric_attributes:
+                if name in pending:
+                    load_metric_state(getattr(self, name), pending[name])
+        else:
+            self.train_metrics.reset()
+            for name in self.epoch_metric_attributes:
+                getattr(self, name).reset()
 
     def on_train_epoch_end(self) -> None:
         self.train_metrics.log_epoch(self)

@@ -34,7 +34,8 @@ from utils.rng import collect_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
 
-# Below this batch the Barlow Twins cross-correlation matrix explodes (report §5.1).
+# Below this batch the Barlow Twins cross-correlation matrix explodes (report §5.1): its task entry's
+# min_reliable_batch (lightningmodules/barlow_twins.py).
 MIN_RELIABLE_BT_BATCH = 64
 
 
@@ -175,10 +176,10 @@ def check_lr_curve(lrs: Sequence[float], losses: Sequence[float], suggestion_ind
     return check
 
 
-def _batch_size_warning(batch: int) -> str:
+def _batch_size_warning(batch: int, bound: int = MIN_RELIABLE_BT_BATCH, method: str = "Barlow Twins' cross-correlation "
+                        "matrix is estimated over the batch and the report saw it explode") -> str:
     return (
-        f"the batch-size tuner found {batch}, below {MIN_RELIABLE_BT_BATCH}: Barlow Twins' cross-correlation "
-        f"matrix is estimated over the batch and the report saw it explode below {MIN_RELIABLE_BT_BATCH}. "
+        f"the batch-size tuner found {batch}, below {bound}: {method} below {bound}. "
         f"Use a smaller model (--backbone.depth / embed_dim), a larger patch or smaller --data.img_size, "
         f"bf16 precision on a GPU, or a GPU with more memory"
     )
@@ -197,8 +198,9 @@ def tune_batch_size(run, tuner: Tuner, result: TuningResult) -> None:
     result.batch_size = found
     log.info("batch-size tuner (%s, start %d, bound %d): training with batch %d",
              t.tune_batch_size_mode, init, t.tune_batch_size_max, found)
-    if run.cfg.task == "barlow_twins" and found < MIN_RELIABLE_BT_BATCH:
-        message = _batch_size_warning(found)
+    bound = run.task.min_reliable_batch  # the task entry's fact (lightningmodules/registry.py)
+    if bound and found < bound:
+        message = _batch_size_warning(found, bound, run.task.min_reliable_batch_reason)
         log.warning(message)
         result.notes.append(message)
 

@@ -7,7 +7,11 @@ so the two Barlow Twins views must not share a forward pass).
 What a registry line may say about its backbone (``@BACKBONES.register("name", ...)``, each keyword optional):
 ``architecture=f`` (``f(cfg.backbone) -> {depth, embed_dim, num_heads, patch_size}`` of a ViT-shaped backbone
 that is not a timm model, e.g. 'pixels'), ``check_config=f`` (``f(cfg: Hparams) -> Optional[str]``, its own
-check of a config that chose it: a one-line problem naming the flag, or None; see :func:`check_backbone_config`).
+check of a config that chose it: a one-line problem naming the flag, or None; see :func:`check_backbone_config`),
+``kind="vit"|"cnn"`` (a timm-VisionTransformer-shaped token model: ViT heads apply; or a convolutional trunk
+with ``layer1..layer4``; an entry without it is neither) and ``attention=bool`` (whether its blocks compute
+attention that the attention maps and the emergence Jaccard can read; default False). Every timm ViT name is a
+ViT with attention.
 """
 from __future__ import annotations
 
@@ -24,9 +28,21 @@ from models.backbones.vit import build_vit, timm_vit_names, vit_architecture
 from utils.registry import UnknownNameError
 
 
+def backbone_kind(name: str) -> str:
+    """'vit' (a timm VisionTransformer in shape: ViT heads apply), 'cnn', or 'other', as its registry entry says
+    (every timm ViT name: 'vit')."""
+    return getattr(BACKBONES.get(name), "kind", "other") if name in BACKBONES else "vit"
+
+
+def has_attention(name: str) -> bool:
+    """Whether the backbone's blocks compute attention (attention maps, emergence Jaccard), as its entry says."""
+    return getattr(BACKBONES.get(name), "attention", False) if name in BACKBONES else name in timm_vit_names()
+
+
 def is_vit(name: str) -> bool:
-    """A timm VisionTransformer (ViT heads and attention callbacks apply); 'pixels' is one in shape."""
-    return name in ("vit", "pixels") or name in timm_vit_names()
+    """A timm VisionTransformer (ViT heads and attention callbacks apply): a registered backbone of kind
+    'vit' (the attention-less raw-pixel baseline is one in shape) or any timm ViT name."""
+    return backbone_kind(name) == "vit" if name in BACKBONES else name in timm_vit_names()
 
 
 def check_backbone_name(name: str) -> None:

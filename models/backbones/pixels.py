@@ -46,7 +46,7 @@ def pixel_architecture(patch_size: int) -> dict[str, int]:
     return {"depth": 1, "embed_dim": 3 * p * p, "num_heads": 1, "patch_size": p}
 
 
-@BACKBONES.register("pixels", architecture=lambda cfg: pixel_architecture(cfg.patch_size))
+@BACKBONES.register("pixels", kind="vit", attention=False, architecture=lambda cfg: pixel_architecture(cfg.patch_size))
 def build_pixels(cfg: BackboneConfig, img_size: int):
     arch = pixel_architecture(cfg.patch_size)
     vit = PixelPatchViT(img_size=img_size, num_classes=0, dynamic_img_size=True, **arch)

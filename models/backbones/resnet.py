@@ -60,7 +60,7 @@ class ResNetBackbone(nn.Module):
         return self.model(x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x)
 
 
-@BACKBONES.register("resnet50")
+@BACKBONES.register("resnet50", kind="cnn", attention=False)
 def build_resnet50(cfg: BackboneConfig, img_size: int) -> ResNetBackbone:
     weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V1 if cfg.pretrained else None
     if weights is not None and cfg.resnet_norm == "group":

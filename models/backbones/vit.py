@@ -127,4 +127,4 @@ def build_vit(cfg: BackboneConfig, img_size: int) -> ViTBackbone:
     return ViTBackbone(vit, cfg.global_pool)
 
 
-BACKBONES.register("vit")(build_vit)
+BACKBONES.register("vit", kind="vit", attention=True)(build_vit)
