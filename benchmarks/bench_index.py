@@ -91,8 +91,8 @@ def bench_memory(entries: int) -> None:
     tracemalloc.stop()
     assert count == entries
     print(f"SeededSampler over {entries} items, one epoch: peak Python heap {peak / 1e6:.1f} MB "
-          f"(the shuffled order as a list of ints; the randperm tensor itself, {entries * 8 / 1e6:.0f} MB, "
-          f"is not counted by tracemalloc)")
+          f"(the Python ints of one chunk of the shuffled order; the randperm tensor itself, "
+          f"{entries * 8 / 1e6:.0f} MB, is not counted by tracemalloc)")
 
 
 def main() -> None:

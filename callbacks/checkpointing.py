@@ -344,6 +344,9 @@ def write_epoch_metrics(trainer: pl.Trainer) -> None:
     if connector is None or trainer.sanity_checking:
         return
     epoch_loop = trainer.fit_loop.epoch_loop
+    # reading them first keeps the epoch's values in trainer.callback_metrics / progress_bar_metrics, which the
+    # reset below would otherwise drop before later hooks (and the caller of fit) could read them
+    _ = connector.callback_metrics, connector.progress_bar_metrics
     epoch_loop._batches_that_stepped -= 1
     try:
         connector.update_train_epoch_metrics()

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from datamodules.errors import DataError
 
+_CHUNK = 4096  # items turned into Python ints at a time while iterating a shuffled order
 _MIX = 0x9E3779B97F4A7C15  # 64-bit golden-ratio constant: spreads nearby (seed, epoch) pairs apart
 
 
@@ -100,11 +101,16 @@ class SeededSampler(Sampler):
             self._resume = None
         if self.shuffle:
             generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0))
-            order = torch.randperm(self.num_items, generator=generator).tolist()
+            # kept as one int64 tensor (8 bytes an item) and turned into Python ints a chunk at a time: a list
+            # of the whole order would hold a Python object per image (~40 MB per million images)
+            order = torch.randperm(self.num_items, generator=generator)[positions.start:positions.stop:positions.step]
         else:
-            order = range(self.num_items)
-        for position in positions:
-            yield order[position], mix_seed(self.seed, epoch, 1, position)
+            order = None
+        for start in range(0, len(positions), _CHUNK):
+            chunk = positions[start:start + _CHUNK]
+            indices = order[start:start + _CHUNK].tolist() if order is not None else chunk
+            for position, index in zip(chunk, indices):
+                yield index, mix_seed(self.seed, epoch, 1, position)
 
 
 def resume_mid_epoch(loader, trainer) -> None:

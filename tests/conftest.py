@@ -82,6 +82,21 @@ def one_thread():
 # this reading misses fails in the fast tier at run time (`_no_training_in_the_fast_tier` below).
 E2E_MODULES = {"test_crash_safety", "test_distributed", "test_main", "test_method_study", "test_multinode",
                "test_proxy_study", "test_readme_commands", "test_reproduce", "test_resume_matrix", "test_resume_process"}
+# In-process tests that still take about a second or more each on the 2-core machine (measured with
+# `pytest -m "not e2e" --durations=30`): they run with the e2e tier so that the fast tier stays under a minute.
+HEAVY_UNIT_TESTS = {
+    "tests/test_layout.py::test_the_checker_sees_an_injected_violation_in_a_copy_of_this_project",
+    "tests/test_user_errors.py::test_deeplabv3_pretrained_head_equals_its_offline_alternative",
+    "tests/test_barlow_twins.py::test_batch_independent_resnet_norms_make_chunking_exact",
+    "tests/test_barlow_twins.py::test_resnet_batchnorm_statistics_are_counted_once_per_chunk",
+    "tests/test_gpu_augment.py::test_sampled_parameters_follow_the_config",
+    "tests/test_multicrop.py::test_crop_areas_cover_the_scale_ranges",
+    "tests/test_multicrop.py::test_per_view_probabilities_are_the_official_ones",
+    "tests/test_multicrop.py::test_batches_depend_on_the_seed_only",
+    "tests/test_multicrop.py::test_pixels_are_the_official_recipe_written_with_torchvision",
+    "tests/test_multicrop.py::test_device_mode_batches_are_worker_independent_and_close_to_the_cpu_modes",
+    "tests/test_sweep.py::test_learning_rate_samples_are_log_uniform_in_bounds_and_seeded",
+}
 TRAINS = re.compile(r"\b\w+\.main\(|\brun_main\(|\.fit\(|\.lr_find\(|\.scale_batch_size\(|\btrainer\.run\(|\btiny\("
                     r"|\bsubprocess\.|\bsys\.executable\b")
 
@@ -123,7 +138,9 @@ def pytest_collection_modifyitems(config, items):
         if module is not None and module.__name__ not in helpers:
             helpers[module.__name__] = _training_helpers(module)
         name = getattr(module, "__name__", "")
-        if item.get_closest_marker("slow") or name.rsplit(".", 1)[-1] in E2E_MODULES or _trains(item, helpers.get(name, set())):
+        heavy = item.nodeid.split("[", 1)[0] in HEAVY_UNIT_TESTS
+        if (heavy or item.get_closest_marker("slow") or name.rsplit(".", 1)[-1] in E2E_MODULES
+                or _trains(item, helpers.get(name, set()))):
             item.add_marker(pytest.mark.e2e)
 
 

@@ -253,7 +253,9 @@ def test_full_disk_faked_in_process(data_cache, tmp_path, monkeypatch, capsys):
 # -- 5. never a non-finite checkpoint -------------------------------------------------------------------------
 
 def test_diverging_run_never_writes_a_nonfinite_checkpoint(data_cache, tmp_path, capsys):
-    args = flags(data_cache, tmp_path, "nan", optim__lr=1e6, optim__warmup_epochs=0,
+    # LARS at the largest accepted rate with eta 1: each step scales a weight by about 1000, so it overflows
+    args = flags(data_cache, tmp_path, "nan", optim__name="lars", optim__lars_eta=1.0, optim__lr=1000,
+                 optim__weight_decay=0, optim__warmup_epochs=0, trainer__max_epochs=4,
                  trainer__checkpoint_every_n_steps=1, trainer__finite_check_every_n_steps=1)
     assert main.main(args) == 1
     line = one_error_line(capsys.readouterr().err)

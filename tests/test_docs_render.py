@@ -5,6 +5,7 @@ The rule set is shown to fail on the breakages it is there for. In process (PyMa
 `pymarkdown scan README.md docs` reports from the repository root), so it belongs to the fast tier."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,9 @@ DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 @pytest.fixture(autouse=True)
 def _in_the_repository(monkeypatch):
     monkeypatch.chdir(ROOT)  # where `pymarkdown scan` runs: .pymarkdown names its plugin relative to it
+    # PyMarkdown puts its plugin folders (one holds a package named `utils`) in front of sys.path: on a copy,
+    # so that later tests (and the processes they spawn, which inherit sys.path) import our `utils` again
+    monkeypatch.setattr(sys, "path", list(sys.path))
 
 
 def lint(*paths: Path) -> list[str]:
