@@ -8,7 +8,7 @@ cost) and the ratio. A last line measures the data path alone: our DataLoader (d
 
     python benchmarks/bench_train_step.py --config config/quickstart.yaml --steps 20 --rounds 3
 
-The per-step fixed cost (issue #16), on a near-zero model so that the framework's cost dominates:
+The per-step fixed cost, on a near-zero model so that the framework's cost dominates:
 
     python benchmarks/bench_train_step.py --config config/quickstart.yaml --steps 300 --warmup 20 --batch-size 8 \
         --data-batches 1 --backbone.depth 1 --backbone.embed_dim 16 --backbone.num_heads 1 --data.img_size 16 \
@@ -152,7 +152,7 @@ def lightning_step_times(cfg, views, steps: int, warmup: int, precision: str, de
         extra_callbacks, loggers = _trainer_extras(cfg, callbacks, tmp)
         run = callbacks == "run"
         # a real run's callbacks: its checkpointing (RunCheckpoint), progress bar and logging interval; the
-        # Trainer alone: Lightning's defaults (log_every_n_steps 50), as the figures before #16 were measured
+        # Trainer alone: Lightning's defaults (log_every_n_steps 50), as the first figures were measured
         trainer = pl.Trainer(max_steps=steps + warmup, logger=loggers or False, enable_checkpointing=run,
                              enable_progress_bar=run and cfg.trainer.progress_bar, enable_model_summary=False,
                              limit_val_batches=0, precision=precision, callbacks=[timer, *extra_callbacks],

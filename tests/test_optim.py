@@ -336,7 +336,7 @@ def test_lr_scaling_note_names_the_rate_and_its_origin():
     assert lr_scaling_note(parse_config(["--optim.lr=0.2"])) == "effective optim.lr: 0.2 (--optim.lr_scaling none)"
 
 
-# ---------------------------------------------------------------- the foreach implementations (issue #16)
+# ---------------------------------------------------------------- the foreach implementations
 class OfficialLARS(torch.optim.Optimizer):
     """facebookresearch/barlowtwins main.py, class LARS, transcribed verbatim: the per-parameter loop."""
 

@@ -1,4 +1,4 @@
-"""The per-step fixed cost (#16): no host sync in a training step that is not a logging step, metrics logged
+"""The per-step fixed cost: no host sync in a training step that is not a logging step, metrics logged
 through utils.step_logging.StepMetrics exactly as Lightning's ``self.log`` would have written them."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Issue #16's GPU measurements in one prepared run (about 9 minutes on an H200; a deadline skips what would
-not fit): for ViT-S/16 and ResNet-50 at 224 px in bf16,
+"""The GPU measurements (training step, data path, MFU, largest batch) in one prepared run (about 9 minutes
+on an H200; a deadline skips what would not fit): for ViT-S/16 and ResNet-50 at 224 px in bf16,
 
 1. our training step vs a bare PyTorch loop at batch 64 and 256 (benchmarks/bench_train_step.py);
 2. the data path's images/s in each ``--aug.device`` mode (cpu, gpu_photometric, gpu_full) next to the step
@@ -14,8 +14,8 @@ the parsed figures in ``OUT/summary.json`` and ``OUT/summary.md`` (with the issu
 at batch 64; gpu_full ≥ 1.5× the ViT-S/16 batch-256 step rate). ``--smoke`` runs everything with tiny models
 and images on the CPU, to know that the script works before a GPU is spent on it::
 
-    python benchmarks/gpu_issue16.py --out "$OUT"                # needs: gpu
-    python benchmarks/gpu_issue16.py --smoke --out /tmp/issue16  # CPU: ~21 min on the busy 2-core CI machine
+    python benchmarks/gpu_measurements.py --out "$OUT"                # needs: gpu
+    python benchmarks/gpu_measurements.py --smoke --out /tmp/gpu_measurements  # CPU: ~21 min on the busy 2-core CI machine
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def settings(smoke: bool, out: Path) -> dict:
         return dict(models=SMOKE_MODELS, batches=[8, 16], img=32, data_root=out / "data", images=48, size=48,
                     workers=2, steps=2, warmup=1, rounds=1, data_batches=2, budget_start=8, budget_limit=16,
                     deadline=1500, limit=600, largest_limit=600)
-    return dict(models=MODELS, batches=[64, 256], img=224, data_root=Path("/tmp/bench_voc_issue16"), images=1024,
+    return dict(models=MODELS, batches=[64, 256], img=224, data_root=Path("/tmp/bench_voc_gpu"), images=1024,
                 size=500, workers=8, steps=15, warmup=3, rounds=2, data_batches=10, budget_start=512,
                 budget_limit=4096, deadline=560, limit=150, largest_limit=200)
 
@@ -166,7 +166,7 @@ def main() -> None:
             summary["data"][f"b{b}"] = json.loads(path.read_text())
     # 3. MFU from the FLOP count and our measured step rate
     for model, flags in (s["models"].items() if "mfu" in parts else ()):
-        text = run(f"flops_{model}", [py, "benchmarks/gpu_issue16.py", "--flops-worker", *common, *flags], limit=120)
+        text = run(f"flops_{model}", [py, "benchmarks/gpu_measurements.py", "--flops-worker", *common, *flags], limit=120)
         flops = number(r'"flops_per_pair": ([\d.e+]+)', text)
         for b in s["batches"]:
             rate = summary["step"].get(f"{model}_b{b}", {}).get("ours_steps_per_s")
@@ -195,7 +195,7 @@ def main() -> None:
 
 def report(summary: dict, batches: list[int]) -> str:
     """The figures as markdown, with the issue's targets."""
-    lines = [f"# Issue #16 measurements ({'CPU smoke run: tiny sizes, not the real figures' if summary['smoke'] else summary.get('gpu', '')})",
+    lines = [f"# GPU measurements ({'CPU smoke run: tiny sizes, not the real figures' if summary['smoke'] else summary.get('gpu', '')})",
              "", "| model | batch | ours steps/s | bare steps/s | ours/bare | model TFLOP/s | MFU |", "|---|---|---|---|---|---|---|"]
     fmt = lambda v, f="{:.3f}": "-" if v is None else f.format(v)  # noqa: E731
     for key, step in summary["step"].items():
